@@ -1,0 +1,57 @@
+"""``alps-ds`` command line: one subcommand per module in :mod:`alps_ds.commands`.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``, and imports heavy libraries (torch, deepspeed) inside ``run`` so
+``alps-ds --help`` stays fast. User errors (:class:`AlpsError`) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from alps_ds import __version__, commands
+from alps_ds.errors import AlpsError
+
+
+def command_modules() -> dict[str, object]:
+    """Subcommand name -> module, for every module in ``alps_ds.commands``."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        found[getattr(module, "NAME", info.name.replace("_", "-"))] = module
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alps-ds",
+        description="Head-sparse LLM alignment (ALPS) on DeepSpeed: localize heads, train only them, export.",
+    )
+    parser.add_argument("--version", action="version", version=f"alps-ds {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in command_modules().items():
+        p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except AlpsError as e:
+        print(f"alps-ds: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("alps-ds: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""`HeadSelection`: the reusable artifact ALPS produces, stored as a versioned ``heads.json``.
+
+A selection names query heads as 0-based ``[layer, head]`` pairs, carries the fingerprint
+of the model it was made for (so it is never applied to the wrong model), how it was made,
+and optionally the full ``layers x heads`` score matrix (so it can be re-cut or compared
+later without re-reading checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from alps_ds.arch import AttentionSpec, ModelFingerprint
+from alps_ds.errors import AlpsError
+from alps_ds.fsutil import atomic_write_text
+
+FORMAT = "alps-ds/heads"
+VERSION = 1
+
+Head = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How a selection was made. Fields that do not apply stay ``None``."""
+
+    select: str  # top-k | random | layer-consistent | all | none | explicit | union | ...
+    metric: str | None = None
+    head_repr: str | None = None
+    ratio: float | None = None
+    seed: int | None = None
+    dtype: str | None = None
+    base: str | None = None
+    task: str | None = None
+    inputs: tuple[str, ...] | None = None  # files a combined/resized selection came from
+    alps_ds_version: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["inputs"] is not None:
+            d["inputs"] = list(d["inputs"])
+        return d
+
+
+@dataclass(frozen=True)
+class HeadSelection:
+    model: ModelFingerprint
+    heads: tuple[Head, ...]
+    provenance: Provenance
+    scores: tuple[tuple[float, ...], ...] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        heads = tuple(sorted({(int(layer), int(h)) for layer, h in self.heads}))
+        object.__setattr__(self, "heads", heads)
+        self._check()
+
+    # ---- invariants ------------------------------------------------------------------
+    def _check(self, source: str = "selection") -> None:
+        L, n = self.model.num_layers, self.model.num_heads
+        for layer, h in self.heads:
+            if not (0 <= layer < L and 0 <= h < n):
+                raise AlpsError(
+                    f"{source}: head [{layer}, {h}] is outside the model ({L} layers x {n} heads); "
+                    "heads are 0-based [layer, query_head]"
+                )
+        if self.scores is not None and (len(self.scores) != L or any(len(row) != n for row in self.scores)):
+            raise AlpsError(f"{source}: 'scores' must be a {L} x {n} matrix (layers x heads)")
+
+    # ---- views -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __contains__(self, head: object) -> bool:
+        return head in set(self.heads)
+
+    @property
+    def ratio(self) -> float:
+        """Fraction of all query heads selected."""
+        return len(self.heads) / (self.model.num_layers * self.model.num_heads)
+
+    def by_layer(self) -> dict[int, tuple[int, ...]]:
+        """Selected query heads of each layer that has any, in ascending order."""
+        out: dict[int, list[int]] = {}
+        for layer, h in self.heads:
+            out.setdefault(layer, []).append(h)
+        return {layer: tuple(hs) for layer, hs in out.items()}
+
+    def score(self, layer: int, head: int) -> float | None:
+        return None if self.scores is None else self.scores[layer][head]
+
+    # ---- checks against a model ----------------------------------------------------------
+    def check_model(self, spec: AttentionSpec | ModelFingerprint, *, source: str = "selection") -> None:
+        """Fail with one line naming each differing field when made for another model."""
+        fp = spec.fingerprint if isinstance(spec, AttentionSpec) else spec
+        diff = self.model.diff(fp)
+        if diff:
+            raise AlpsError(
+                f"{source}: made for another model ({'; '.join(diff)}; selection vs model); "
+                "localize again for this model or pass the matching selection"
+            )
+
+    # ---- (de)serialization ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model.to_dict(),
+            "provenance": self.provenance.to_dict(),
+            "num_heads_selected": len(self.heads),
+            "heads": [list(h) for h in self.heads],
+            "scores": None if self.scores is None else [list(r) for r in self.scores],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` atomically (a crash leaves any previous file intact)."""
+        path = Path(path)
+        atomic_write_text(path, self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "heads.json") -> HeadSelection:
+        if not isinstance(data, dict):
+            raise AlpsError(f"{source}: expected a JSON object; is this a heads.json written by alps-ds?")
+        if data.get("format") != FORMAT:
+            raise AlpsError(f"{source}: 'format' is {data.get('format')!r}, expected {FORMAT!r}; not a heads.json")
+        version = data.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise AlpsError(f"{source}: 'version' must be a positive integer")
+        if version > VERSION:
+            raise AlpsError(f"{source}: written by a newer alps-ds (version {version} > {VERSION}); upgrade alps-ds")
+        model = _fingerprint(data.get("model"), source)
+        provenance = _provenance(data.get("provenance"), source)
+        heads_raw = data.get("heads")
+        if not isinstance(heads_raw, list):
+            raise AlpsError(f"{source}: 'heads' must be a list of [layer, head] pairs")
+        heads = []
+        for i, pair in enumerate(heads_raw):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(_is_int(x) for x in pair)):
+                raise AlpsError(f"{source}: heads[{i}] is {pair!r}; each entry must be [layer, head] integers")
+            heads.append((pair[0], pair[1]))
+        if len(set(heads)) != len(heads):
+            raise AlpsError(f"{source}: 'heads' lists a head twice; each [layer, head] may appear once")
+        scores = data.get("scores")
+        if scores is not None:
+            if not isinstance(scores, list) or not all(isinstance(r, list) for r in scores):
+                raise AlpsError(f"{source}: 'scores' must be null or a list of rows (layers x heads)")
+            if not all(_is_finite(x) for r in scores for x in r):
+                raise AlpsError(f"{source}: 'scores' holds a non-number or non-finite value")
+            scores = tuple(tuple(float(x) for x in r) for r in scores)
+        try:
+            return cls(model, tuple(heads), provenance, scores)
+        except AlpsError as e:
+            raise AlpsError(f"{source}: {str(e).removeprefix('selection: ')}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, spec: AttentionSpec | None = None) -> HeadSelection:
+        """Read and validate ``path``; with ``spec``, also check it was made for that model."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise AlpsError(f"{path}: no such file; run 'alps-ds localize' to make one") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise AlpsError(f"{path}: cannot read ({e})") from e
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise AlpsError(f"{path}: not valid JSON ({e}); restore it or localize again") from e
+        sel = cls.from_dict(data, source=str(path))
+        if spec is not None:
+            sel.check_model(spec, source=str(path))
+        return sel
+
+    def with_heads(self, heads: list[Head] | tuple[Head, ...], provenance: Provenance) -> HeadSelection:
+        """A new selection of the same model (and scores) with other heads."""
+        return replace(self, heads=tuple(heads), provenance=provenance)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _fingerprint(d: Any, source: str) -> ModelFingerprint:
+    if not isinstance(d, dict):
+        raise AlpsError(f"{source}: 'model' must be an object with the model fingerprint")
+    values = {}
+    for f in fields(ModelFingerprint):
+        v = d.get(f.name)
+        ok = isinstance(v, str) and v if f.type == "str" else _is_int(v) and v > 0
+        if not ok:
+            raise AlpsError(f"{source}: model.{f.name} is missing or invalid ({v!r})")
+        values[f.name] = v
+    return ModelFingerprint(**values)
+
+
+def _provenance(d: Any, source: str) -> Provenance:
+    if not isinstance(d, dict) or not isinstance(d.get("select"), str):
+        raise AlpsError(f"{source}: 'provenance' must be an object with at least 'select'")
+    known = {f.name for f in fields(Provenance)}
+    kwargs = {k: v for k, v in d.items() if k in known}
+    if kwargs.get("ratio") is not None and not _is_finite(kwargs["ratio"]):
+        raise AlpsError(f"{source}: provenance.ratio must be a number")
+    if kwargs.get("seed") is not None and not _is_int(kwargs["seed"]):
+        raise AlpsError(f"{source}: provenance.seed must be an integer")
+    for key in ("metric", "head_repr", "dtype", "base", "task", "alps_ds_version"):
+        if kwargs.get(key) is not None and not isinstance(kwargs[key], str):
+            raise AlpsError(f"{source}: provenance.{key} must be a string")
+    if kwargs.get("inputs") is not None:
+        if not isinstance(kwargs["inputs"], list) or not all(isinstance(x, str) for x in kwargs["inputs"]):
+            raise AlpsError(f"{source}: provenance.inputs must be a list of strings")
+        kwargs["inputs"] = tuple(kwargs["inputs"])
+    return Provenance(**kwargs)

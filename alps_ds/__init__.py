@@ -6,4 +6,44 @@ from alps_ds.arch import AttentionSpec, ModelFingerprint  # noqa: E402
 from alps_ds.errors import AlpsError  # noqa: E402
 from alps_ds.selection import HeadSelection, Provenance  # noqa: E402
 
-__all__ = ["AlpsError", "AttentionSpec", "HeadSelection", "ModelFingerprint", "Provenance", "__version__"]
+# The engine hook and adapters import torch; load them on first use so `alps-ds --help` stays fast.
+_LAZY = {
+    "apply": "alps_ds.sparse",
+    "merge": "alps_ds.sparse",
+    "reparametrize": "alps_ds.sparse",
+    "trainable_report": "alps_ds.sparse",
+    "HeadRowsLinear": "alps_ds.sparse",
+    "TrainableReport": "alps_ds.sparse",
+    "save_adapter": "alps_ds.adapter",
+    "load_adapter": "alps_ds.adapter",
+    "merge_adapter_into_checkpoint": "alps_ds.adapter",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'alps_ds' has no attribute {name!r}")
+
+
+__all__ = [
+    "AlpsError",
+    "AttentionSpec",
+    "HeadRowsLinear",
+    "HeadSelection",
+    "ModelFingerprint",
+    "Provenance",
+    "TrainableReport",
+    "__version__",
+    "apply",
+    "load_adapter",
+    "merge",
+    "merge_adapter_into_checkpoint",
+    "reparametrize",
+    "save_adapter",
+    "trainable_report",
+]

@@ -13,11 +13,16 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alps_ds.arch import AttentionSpec, ModelFingerprint
 from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_write_text
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from alps_ds.selection_ops import Comparison
 
 FORMAT = "alps-ds/heads"
 VERSION = 1
@@ -172,7 +177,7 @@ class HeadSelection:
             raise AlpsError(f"{path}: cannot read ({e})") from e
         try:
             data = json.loads(text)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise AlpsError(f"{path}: not valid JSON ({e}); restore it or localize again") from e
         sel = cls.from_dict(data, source=str(path))
         if spec is not None:
@@ -183,13 +188,62 @@ class HeadSelection:
         """A new selection of the same model (and scores) with other heads."""
         return replace(self, heads=tuple(heads), provenance=provenance)
 
+    # ---- operations: thin wrappers over alps_ds.selection_ops (imported lazily: it imports us) --
+    def union(self, *others: HeadSelection, sources: Sequence[str] | None = None) -> HeadSelection:
+        """Heads selected by this or any of ``others``; ``sources`` (one per selection) go into provenance."""
+        from alps_ds import selection_ops
+
+        return selection_ops.union([self, *others], sources=sources)
+
+    def intersect(self, *others: HeadSelection, sources: Sequence[str] | None = None) -> HeadSelection:
+        """Heads selected by this and every one of ``others``."""
+        from alps_ds import selection_ops
+
+        return selection_ops.intersect([self, *others], sources=sources)
+
+    @staticmethod
+    def vote(
+        selections: Sequence[HeadSelection], *, ratio: float | None = None, sources: Sequence[str] | None = None
+    ) -> HeadSelection:
+        """Strict-majority heads, or with ``ratio`` the top K by (votes, mean normalized score)."""
+        from alps_ds import selection_ops
+
+        return selection_ops.vote(selections, ratio=ratio, sources=sources)
+
+    def resize(self, ratio: float, *, source: str | None = None) -> HeadSelection:
+        """Re-cut to ``ratio`` from the stored scores, exactly as ``alps-ds localize`` would."""
+        from alps_ds import selection_ops
+
+        return selection_ops.resize(self, ratio, source=source)
+
+    def compare(self, other: HeadSelection, *, sources: Sequence[str] | None = None) -> Comparison:
+        """Overlap, Jaccard, Spearman of scores and per-layer overlap against ``other``."""
+        from alps_ds import selection_ops
+
+        return selection_ops.compare(self, other, sources=sources)
+
+    def overlap(self, other: HeadSelection) -> int:
+        """Number of heads selected by both."""
+        return len(set(self.heads) & set(other.heads))
+
+    def jaccard(self, other: HeadSelection) -> float:
+        """|A & B| / |A | B| (1.0 for two empty selections)."""
+        from alps_ds import selection_ops
+
+        return selection_ops.jaccard(self, other)
+
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _fingerprint(d: Any, source: str) -> ModelFingerprint:

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Head-sparse LLM alignment (ALPS) on DeepSpeed: localize heads, train only them, export.",
     )
     parser.add_argument("--version", action="version", version=f"alps-ds {__version__}")
+    # The deepspeed launcher puts --local_rank=N before the subcommand; ranks come from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in command_modules().items():
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))

@@ -431,3 +431,29 @@ def test_cli_show_prints_a_terminal_heatmap_marking_selected_heads(files, capsys
     assert len(rows) == L
     marked = {(int(r.split("|")[0]), h) for r in rows for h, ch in enumerate(r.split("|")[1]) if ch == "#"}
     assert marked == set(sel.heads)
+
+
+def test_resize_equals_a_fresh_localize_at_that_ratio(tmp_path, capsys):
+    """Acceptance: re-cutting a saved selection gives exactly what localize gives at that ratio."""
+    pytest.importorskip("alps_ds.commands.localize")
+    import torch
+
+    from alps_ds.tiny import build_model, save_model, tiny_config
+
+    config = tiny_config("llama", layers=3, hidden=32, heads=8, kv_heads=2)
+    base, task = build_model(config, seed=0), build_model(config, seed=0)
+    with torch.no_grad():  # a "fine-tune": every weight moved a little, some heads more than others
+        for p in task.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(base, tmp_path / "base")
+    save_model(task, tmp_path / "task")
+    for ratio in ("0.25", "0.5"):
+        argv = ["localize", "--base", tmp_path / "base", "--task", tmp_path / "task", "--quiet", "--device", "cpu"]
+        assert _run(capsys, *argv, "--out", tmp_path / ratio, "--ratio", ratio)[0] == 0
+    rc, *_ = _run(capsys, "heads", "resize", tmp_path / "0.25", "--ratio", "0.5", "--out", tmp_path / "re.json")
+    assert rc == 0
+    resized, fresh = HeadSelection.load(tmp_path / "re.json"), HeadSelection.load(tmp_path / "0.5" / "heads.json")
+    assert len(fresh) == 12 and resized.heads == fresh.heads
+    assert resized.scores == fresh.scores and resized.model == fresh.model
+    keep = ("metric", "head_repr", "dtype", "base", "task", "ratio")
+    assert [getattr(resized.provenance, k) for k in keep] == [getattr(fresh.provenance, k) for k in keep]

@@ -1,0 +1,238 @@
+"""Lazy reads of one layer's Q/K/V tensors from a Hugging Face safetensors checkpoint.
+
+The safetensors format is an 8-byte header length, a JSON header (dtype, shape, byte
+offsets of every tensor) and the raw data. We parse the header ourselves and ``readinto``
+only the byte ranges of the tensors asked for, instead of memory-mapping whole shards:
+mapped pages that were touched count towards the process's resident memory until the map
+is closed, so a 70B single-file checkpoint would look like a 140 GB process. With plain
+reads, memory holds exactly the tensors the caller keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alps_ds.arch import AttentionSpec
+from alps_ds.errors import AlpsError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live inside a shard."""
+
+    shard: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute file offsets
+    end: int
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not Path(name).exists()
+
+
+def resolve_model_dir(name: str) -> Path:
+    """A local model folder as given, or a hub id downloaded (config, index and only the
+    shards holding Q/K/V) into the Hugging Face cache."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if not _looks_like_hub_id(name):
+        raise AlpsError(f"{name}: no such model folder; pass a folder written by save_pretrained or a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(name, allow_patterns=["config.json", INDEX_FILE]))
+        if (local / INDEX_FILE).is_file():
+            spec = AttentionSpec.from_pretrained(local)
+            index = _read_index(local / INDEX_FILE)
+            wanted = {name for layer in range(spec.num_layers) for name in spec.tensor_names(layer)}
+            shards = sorted({index[t] for t in wanted if t in index})
+            local = Path(snapshot_download(name, allow_patterns=["config.json", INDEX_FILE, *shards]))
+        else:
+            local = Path(snapshot_download(name, allow_patterns=["config.json", SINGLE_FILE]))
+    except AlpsError:
+        raise
+    except Exception as e:  # network, authentication, missing repository
+        raise AlpsError(
+            f"{name}: not a local folder and the hub download failed ({type(e).__name__}: {e}); "
+            "pass a local path or check the model id, token and network"
+        ) from e
+    return local
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AlpsError(f"{path}: unreadable shard index ({e}); re-save the model with save_pretrained") from e
+    return weight_map
+
+
+def read_header(shard: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header; errors name the file."""
+    try:
+        with open(shard, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(_MAX_HEADER, size - 8):
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise AlpsError(f"{shard}: shard file is missing; download or copy the complete checkpoint") from None
+    except (OSError, ValueError) as e:
+        raise AlpsError(f"{shard}: unreadable safetensors shard ({e}); re-download or re-save it") from e
+    out = {}
+    base = 8 + n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (base + int(x) for x in meta["data_offsets"])
+            info = TensorInfo(shard, str(meta["dtype"]), tuple(int(s) for s in meta["shape"]), begin, end)
+        except (KeyError, TypeError, ValueError) as e:
+            raise AlpsError(f"{shard}: malformed header entry for {name!r}; re-save the checkpoint") from e
+        if end > size or end < begin:
+            raise AlpsError(f"{shard}: tensor {name!r} runs past the end of the file (truncated?); re-download it")
+        out[name] = info
+    return out
+
+
+class CheckpointReader:
+    """Reads Q/K/V tensors of a local safetensors checkpoint (single file or sharded).
+
+    Only headers are read up front; :meth:`layer` reads one layer's tensors on demand.
+    """
+
+    def __init__(self, model_dir: Path, spec: AttentionSpec, *, label: str):
+        self.dir = model_dir
+        self.spec = spec
+        self.label = label
+        self.bytes_read = 0
+        self._tensors: dict[str, TensorInfo] = {}
+        self._slots: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
+        self._next = 0
+        self._locate()
+
+    @classmethod
+    def open(cls, name: str, *, label: str) -> CheckpointReader:
+        model_dir = resolve_model_dir(name)
+        spec = AttentionSpec.from_pretrained(model_dir)
+        return cls(model_dir, spec, label=label)
+
+    def _locate(self) -> None:
+        """Map every needed tensor name to its shard and byte range, reading headers only."""
+        index_path, single = self.dir / INDEX_FILE, self.dir / SINGLE_FILE
+        if index_path.is_file():
+            index = _read_index(index_path)
+        elif single.is_file():
+            index = None
+        else:
+            pickled = [p for p in _PICKLE_FILES if (self.dir / p).exists()]
+            if pickled:
+                raise AlpsError(
+                    f"{self.label} {self.dir}: only a pickle checkpoint ({pickled[0]}) is there; alps-ds reads "
+                    "safetensors only (pickle can run code): re-save with save_pretrained(safe_serialization=True)"
+                )
+            raise AlpsError(f"{self.label} {self.dir}: no {SINGLE_FILE} or {INDEX_FILE}; not a safetensors checkpoint")
+        wanted = [
+            (m, f"{self.spec.module_path(layer, m)}.weight")
+            for layer in range(self.spec.num_layers)
+            for m in self.spec.modules
+        ]
+        headers: dict[Path, dict[str, TensorInfo]] = {}
+        for module, name in wanted:
+            if index is not None and name not in index:
+                raise AlpsError(f"{self.label} {index_path}: tensor {name!r} is missing from the index")
+            shard = single if index is None else self.dir / index[name]
+            if shard not in headers:
+                headers[shard] = read_header(shard)
+            info = headers[shard].get(name)
+            if info is None:
+                raise AlpsError(f"{self.label} {shard}: tensor {name!r} is missing; is this a complete checkpoint?")
+            expected = (self.spec.module_rows(module), self.spec.hidden_size)
+            if info.shape != expected:
+                raise AlpsError(
+                    f"{self.label} {shard}: tensor {name!r} has shape {list(info.shape)} but config.json implies "
+                    f"{list(expected)}; config and weights do not match"
+                )
+            self._tensors[name] = info
+
+    def _weight_names(self, layer: int) -> list[str]:
+        return [f"{self.spec.module_path(layer, m)}.weight" for m in self.spec.modules]
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        return self._tensors[name]
+
+    def layer_bytes(self, layer: int) -> int:
+        return sum(self._tensors[n].end - self._tensors[n].begin for n in self._weight_names(layer))
+
+    def layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """Module name -> Q/K/V projection weight of ``layer``, in the checkpoint's dtype.
+
+        The tensors live in one of two buffer sets used in turn, so they stay valid until
+        the second next call (enough for reading one layer ahead while scoring this one).
+        Reusing buffers matters: touching freshly mapped memory costs a page fault per 4 KiB,
+        which on virtual machines took longer than the read itself. Biases are not read:
+        neither head representation uses them (see docs/localize.md).
+        """
+        slot = self._slots[self._next]
+        self._next ^= 1
+        out = {}
+        for module, name in zip(self.spec.modules, self._weight_names(layer)):
+            out[module] = self._read(name, self._tensors[name], slot, module)
+        return out
+
+    def _read(self, name: str, info: TensorInfo, slot: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+        dtype = _DTYPES.get(info.dtype)
+        if dtype is None:
+            raise AlpsError(
+                f"{self.label} {info.shard}: tensor {name!r} has dtype {info.dtype}; "
+                f"supported: {', '.join(_DTYPES)} (dequantize the checkpoint first)"
+            )
+        numel = 1
+        for s in info.shape:
+            numel *= s
+        nbytes = info.end - info.begin
+        if nbytes != numel * dtype.itemsize:
+            raise AlpsError(f"{self.label} {info.shard}: tensor {name!r} byte size does not match its shape")
+        buf = slot.get(key)
+        if buf is None or buf.numel() != nbytes:
+            buf = slot[key] = torch.empty(nbytes, dtype=torch.uint8)
+        try:
+            with open(info.shard, "rb", buffering=0) as f:
+                f.seek(info.begin)
+                view = memoryview(buf.numpy())
+                got = 0
+                while got < nbytes:
+                    k = f.readinto(view[got:])
+                    if not k:
+                        raise OSError("unexpected end of file")
+                    got += k
+        except OSError as e:
+            raise AlpsError(f"{self.label} {info.shard}: cannot read tensor {name!r} ({e}); re-download it") from e
+        self.bytes_read += nbytes
+        return buf.view(dtype).view(info.shape)

@@ -1,0 +1,283 @@
+"""Head adapters: only the trained Q/K/V slices (safetensors) plus the selection and row ranges (json).
+
+An adapter is a few MB for a 70B model. It can be loaded onto a base model (plain: rows are
+written into the weights; hooked: into the slice parameters, to resume training), or merged
+into a base checkpoint shard by shard without loading the model (``alps-ds merge``).
+
+Layout of an adapter folder::
+
+    adapter.json          format, version, kv policy, dtype, the heads.json selection, and per module
+                          the checkpoint key, row ranges and rows per kind
+    adapter.safetensors   "<module>.weight" [rows, in] (and "<module>.bias" [rows]) per module
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alps_ds.arch import AttentionSpec
+from alps_ds.errors import AlpsError
+from alps_ds.fsutil import atomic_dir
+from alps_ds.selection import HeadSelection
+
+FORMAT = "alps-ds/adapter"
+VERSION = 1
+JSON_NAME = "adapter.json"
+TENSORS_NAME = "adapter.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """One re-parametrized projection: its dotted module name, trained row ranges and rows per kind."""
+
+    module: str
+    ranges: tuple[tuple[int, int], ...]
+    kinds: tuple[tuple[str, int], ...]
+    in_features: int
+    bias: bool
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return torch.cat([torch.arange(a, b) for a, b in self.ranges])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "ranges": [list(r) for r in self.ranges],
+            "kinds": dict(self.kinds),
+            "in_features": self.in_features,
+            "bias": self.bias,
+        }
+
+
+@dataclass(frozen=True)
+class Adapter:
+    selection: HeadSelection
+    kv: str
+    dtype: str
+    modules: tuple[AdapterModule, ...]
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def read(cls, adapter_dir: str | os.PathLike) -> Adapter:
+        from safetensors.torch import load_file
+
+        root = Path(adapter_dir)
+        meta_path, tensor_path = root / JSON_NAME, root / TENSORS_NAME
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise AlpsError(f"{root}: not an alps-ds adapter (needs {JSON_NAME} and {TENSORS_NAME}); see save_adapter")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as e:
+            raise AlpsError(f"{meta_path}: not valid JSON ({e}); save the adapter again") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise AlpsError(f"{meta_path}: 'format' is not {FORMAT!r}; not an alps-ds adapter")
+        if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+            raise AlpsError(f"{meta_path}: adapter version {meta.get('version')!r} unsupported; upgrade alps-ds")
+        selection = HeadSelection.from_dict(meta.get("selection"), source=f"{meta_path}: selection")
+        try:
+            modules = tuple(
+                AdapterModule(
+                    m["module"],
+                    tuple((int(a), int(b)) for a, b in m["ranges"]),
+                    tuple((str(k), int(v)) for k, v in m["kinds"].items()),
+                    int(m["in_features"]),
+                    bool(m["bias"]),
+                )
+                for m in meta["modules"]
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise AlpsError(f"{meta_path}: 'modules' entry malformed ({type(e).__name__}: {e})") from e
+        tensors = load_file(str(tensor_path))
+        for m in modules:
+            rows = sum(b - a for a, b in m.ranges)
+            w = tensors.get(f"{m.module}.weight")
+            if w is None or tuple(w.shape) != (rows, m.in_features):
+                raise AlpsError(f"{tensor_path}: tensor {m.module}.weight missing or not [{rows}, {m.in_features}]")
+            if m.bias and tuple(getattr(tensors.get(f"{m.module}.bias"), "shape", ())) != (rows,):
+                raise AlpsError(f"{tensor_path}: tensor {m.module}.bias missing or not [{rows}]")
+        return cls(selection, str(meta.get("kv")), str(meta.get("dtype")), modules, tensors)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The HF model inside a DeepSpeed engine (or any wrapper exposing ``.module``)."""
+    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSelection | None = None) -> Path:
+    """Write the trained slices of a hooked model (or a DeepSpeed engine around one) to ``out_dir``.
+
+    Call on EVERY rank: under ZeRO-3 the slices are gathered (collective), so the adapter holds
+    the real values; rank 0 writes (atomically: a crash leaves any previous adapter intact).
+    ``selection`` defaults to the one :func:`alps_ds.apply` used.
+    """
+    from safetensors.torch import save_file
+
+    from alps_ds.sparse.hook import hooked_modules
+    from alps_ds.sparse.module import gathered
+
+    model = _unwrap(model)
+    selection = selection or getattr(model, "alps_selection", None)
+    if selection is None:
+        raise AlpsError("save_adapter: no selection given and the model was not hooked by alps_ds.apply")
+    hooked = list(hooked_modules(model))
+    if not hooked:
+        raise AlpsError("save_adapter: model has no re-parametrized projections; call alps_ds.apply(model, ...) first")
+    tensors: dict[str, torch.Tensor] = {}
+    entries = []
+    for name, mod in hooked:
+        with gathered([mod.head_weight, mod.head_bias]):
+            tensors[f"{name}.weight"] = mod.head_weight.detach().cpu().clone().contiguous()
+            if mod.head_bias is not None:
+                tensors[f"{name}.bias"] = mod.head_bias.detach().cpu().clone().contiguous()
+        entries.append(AdapterModule(name, mod.ranges, mod.kinds, mod.in_features, mod.head_bias is not None))
+    out = Path(out_dir)
+    if _rank() == 0:
+        dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "kv": getattr(model, "alps_kv", None),
+            "dtype": "/".join(sorted(dtypes)),
+            "selection": selection.to_dict(),
+            "modules": [e.to_dict() for e in entries],
+        }
+        with atomic_dir(out) as tmp:
+            save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
+            (tmp / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+    if _distributed():
+        torch.distributed.barrier()
+    return out
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """Put an adapter's rows into ``model`` (in place) and return it.
+
+    Onto a plain base model the rows are written into the Q/K/V weights (the result is the
+    merged fine-tuned model); onto a model hooked with the same selection they go into the
+    slice parameters (to continue training). Under ZeRO-3 call on every rank.
+    """
+    from alps_ds.sparse.hook import hooked_modules
+    from alps_ds.sparse.module import HeadRowsLinear, gathered
+
+    adapter = Adapter.read(adapter_dir)
+    model = _unwrap(model)
+    if getattr(model, "config", None) is not None:
+        adapter.selection.check_model(AttentionSpec.from_config(model.config), source=f"{adapter_dir}")
+    hooked = {name: mod.ranges for name, mod in hooked_modules(model)}
+    if hooked and hooked != {m.module: m.ranges for m in adapter.modules}:
+        raise AlpsError(
+            f"{adapter_dir}: the model is hooked for other rows than the adapter holds; "
+            "hook the model with the adapter's selection and kv policy, or load onto a plain base model"
+        )
+    for m in adapter.modules:
+        try:
+            mod = model.get_submodule(m.module)
+        except AttributeError:
+            raise AlpsError(f"{adapter_dir}: model has no module {m.module}; adapter made for another model") from None
+        w_rows = adapter.tensors[f"{m.module}.weight"]
+        b_rows = adapter.tensors.get(f"{m.module}.bias")
+        if isinstance(mod, HeadRowsLinear):
+            with gathered([mod.head_weight, mod.head_bias], modify=True), torch.no_grad():
+                mod.head_weight.data.copy_(w_rows)
+                if mod.head_bias is not None and b_rows is not None:
+                    mod.head_bias.data.copy_(b_rows)
+            continue
+        weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
+        if weight is None:
+            raise AlpsError(f"{adapter_dir}: {m.module} has no weight to load rows into")
+        with gathered([weight, bias], modify=True), torch.no_grad():
+            if weight.shape[1] != m.in_features or weight.shape[0] < m.ranges[-1][1]:
+                raise AlpsError(f"{adapter_dir}: {m.module} weight {tuple(weight.shape)} does not fit the adapter rows")
+            idx = m.indices
+            weight.data.index_copy_(0, idx, w_rows.to(weight.dtype))
+            if bias is not None and b_rows is not None:
+                bias.data.index_copy_(0, idx, b_rows.to(bias.dtype))
+    return model
+
+
+def _shard_map(base: Path) -> dict[str, str]:
+    """Tensor name -> shard file name of a HF safetensors checkpoint (sharded or single)."""
+    index = base / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise AlpsError(f"{index}: unreadable index ({e}); re-save the base checkpoint") from e
+        return dict(weight_map)
+    single = base / SINGLE_NAME
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as f:
+            return dict.fromkeys(f.keys(), SINGLE_NAME)
+    raise AlpsError(f"{base}: no {INDEX_NAME} or {SINGLE_NAME}; point --base to a safetensors HF checkpoint")
+
+
+def merge_adapter_into_checkpoint(
+    base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True
+) -> Path:
+    """Write ``out_dir``: ``base_dir`` with the adapter's rows merged in, one shard in memory at a time.
+
+    Shards without Q/K/V tensors of the adapter, the index, config and tokenizer files are
+    copied byte for byte; only shards holding adapted tensors are rewritten (same tensor names,
+    shapes, dtypes, metadata), so the index stays valid. Written atomically.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    base, out = Path(base_dir), Path(out_dir)
+    if out.resolve() == base.resolve():
+        raise AlpsError(f"{out}: --out must differ from --base; the base checkpoint is never overwritten")
+    adapter = Adapter.read(adapter_dir)
+    spec = AttentionSpec.from_pretrained(base)
+    adapter.selection.check_model(spec, source=str(adapter_dir))
+    shard_of = _shard_map(base)
+    edits: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for m in adapter.modules:
+        for leaf in ("weight", "bias") if m.bias else ("weight",):
+            key = f"{m.module}.{leaf}"
+            if key not in shard_of:
+                raise AlpsError(f"{base}: checkpoint has no tensor {key}; adapter made for another model layout")
+            edits.setdefault(shard_of[key], {})[key] = (m.indices, adapter.tensors[key])
+    with atomic_dir(out) as tmp:
+        entries = sorted(base.iterdir())
+        for entry in tqdm(entries, desc="merge", unit="file", disable=not progress):
+            target = tmp / entry.name
+            if entry.name not in edits:
+                if entry.is_dir():
+                    shutil.copytree(entry, target)
+                else:
+                    shutil.copy2(entry, target)
+                continue
+            with safe_open(str(entry), "pt") as f:
+                metadata = f.metadata()
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            for key, (idx, rows) in edits[entry.name].items():
+                t = tensors[key]
+                if t.shape[0] < int(idx.max()) + 1 or (t.dim() == 2 and t.shape[1] != rows.shape[1]):
+                    raise AlpsError(f"{entry}: tensor {key} {tuple(t.shape)} does not fit the adapter rows")
+                tensors[key] = t.index_copy(0, idx, rows.to(t.dtype))
+            save_file(tensors, str(target), metadata=metadata)
+    return out

@@ -1,0 +1,123 @@
+"""Head adapters: save/load round trip, shard-by-shard merge into a real sharded checkpoint, CLI."""
+
+from __future__ import annotations
+
+import copy
+import filecmp
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alps_ds.adapter import load_adapter, merge_adapter_into_checkpoint, save_adapter
+from alps_ds.arch import AttentionSpec
+from alps_ds.cli import main
+from alps_ds.errors import AlpsError
+from alps_ds.selection import HeadSelection, Provenance
+from alps_ds.sparse import apply, hooked_modules, merge
+from alps_ds.tiny import build_model, save_model, tiny_config
+
+HEADS = ((0, 0), (1, 3))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A qwen2 (q/k/v biases) base saved as a sharded checkpoint, and a hooked copy trained 3 steps."""
+    root = tmp_path_factory.mktemp("adapter")
+    cfg = tiny_config("qwen2", layers=3, hidden=64, heads=4, kv_heads=2, vocab=96)
+    spec = AttentionSpec.from_config(cfg)
+    base = build_model(cfg, seed=0)
+    save_model(base, root / "base", max_shard_size="40KB")
+    sel = HeadSelection(spec.fingerprint, HEADS, Provenance("explicit"))
+    model = apply(copy.deepcopy(base), sel)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    x = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    save_adapter(model, root / "adapter")
+    return root, base, model, sel
+
+
+def test_adapter_holds_only_the_slices(trained):
+    root, _, model, sel = trained
+    meta = json.loads((root / "adapter" / "adapter.json").read_text())
+    tensors = load_file(root / "adapter" / "adapter.safetensors")
+    assert HeadSelection.from_dict(meta["selection"]).heads == sel.heads
+    assert meta["dtype"] == "float32" and meta["kv"] == "group"
+    hooked = dict(hooked_modules(model))
+    assert {m["module"] for m in meta["modules"]} == set(hooked)
+    for name, mod in hooked.items():
+        assert torch.equal(tensors[f"{name}.weight"], mod.head_weight.detach())
+        assert torch.equal(tensors[f"{name}.bias"], mod.head_bias.detach())
+    assert sum(t.numel() for t in tensors.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_load_onto_hooked_and_onto_plain_base(trained):
+    root, base, model, sel = trained
+    fresh = apply(copy.deepcopy(base), sel)
+    load_adapter(fresh, root / "adapter")
+    for (_, a), (_, b) in zip(hooked_modules(fresh), hooked_modules(model)):
+        assert torch.equal(a.head_weight, b.head_weight) and torch.equal(a.head_bias, b.head_bias)
+
+    merged = merge(copy.deepcopy(model)).state_dict()
+    plain = load_adapter(copy.deepcopy(base), root / "adapter").state_dict()
+    assert all(torch.equal(plain[k], v) for k, v in merged.items())
+
+    other = apply(copy.deepcopy(base), sel, kv="none")
+    with pytest.raises(AlpsError, match="hook the model with the adapter's selection"):
+        load_adapter(other, root / "adapter")
+
+
+def test_merge_into_sharded_checkpoint_equals_merge_and_copies_untouched_shards(trained, tmp_path):
+    root, _, model, _ = trained
+    shards = json.loads((root / "base" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(shards.values())) >= 3, "fixture must produce a sharded checkpoint"
+    out = merge_adapter_into_checkpoint(root / "base", root / "adapter", tmp_path / "merged", progress=False)
+
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    expected = merge(copy.deepcopy(model)).state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+    touched = {
+        shards[f"{spec_name}.{leaf}"] for spec_name in dict(hooked_modules(model)) for leaf in ("weight", "bias")
+    }
+    names = sorted(p.name for p in (root / "base").iterdir())
+    assert names == sorted(p.name for p in out.iterdir())
+    untouched = [n for n in names if n not in touched]
+    assert any(n.endswith(".safetensors") for n in untouched), "some shard must hold no adapted tensor"
+    for n in untouched:
+        assert filecmp.cmp(root / "base" / n, out / n, shallow=False), n
+    for n in touched:
+        assert not filecmp.cmp(root / "base" / n, out / n, shallow=False), n
+
+
+def test_cli_merge_and_errors(trained, tmp_path, capsys):
+    root, *_ = trained
+    assert (
+        main(["merge", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--out", str(tmp_path / "m")])
+        == 0
+    )
+    assert (tmp_path / "m" / "config.json").is_file()
+    assert main(["merge", "--base", str(root / "base"), "--adapter", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not an alps-ds adapter" in capsys.readouterr().err
+    base = str(root / "base")
+    assert main(["merge", "--base", base, "--adapter", str(root / "adapter"), "--out", base]) == 2
+    assert "must differ" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_adapter_for_another_model_is_refused(trained, tmp_path):
+    root, *_ = trained
+    cfg = tiny_config("qwen2", layers=2, hidden=64, heads=4, kv_heads=2, vocab=96)
+    save_model(build_model(cfg), tmp_path / "small")
+    with pytest.raises(AlpsError, match="num_layers: 3 != 2"):
+        merge_adapter_into_checkpoint(tmp_path / "small", root / "adapter", tmp_path / "out", progress=False)
+    with pytest.raises(AlpsError, match="num_layers: 3 != 2"):
+        load_adapter(build_model(cfg), root / "adapter")
+    assert not (tmp_path / "out").exists()

@@ -98,6 +98,8 @@ def load_rows(ds: DatasetConfig):
             builder, files = _local_builder(path)
             try:
                 rows = datasets.load_dataset(builder, data_files=files, split="train")
+                if builder == "csv":  # CSV has no types; a "2" answer is text, not an integer
+                    rows = rows.cast(datasets.Features({c: datasets.Value("string") for c in rows.column_names}))
             except Exception as e:
                 bad = _find_bad_json(files) if builder == "json" else None
                 raise AlpsError(bad or f"{path}: cannot read as {builder} ({type(e).__name__}: {e})") from e

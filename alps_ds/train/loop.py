@@ -26,7 +26,7 @@ import torch
 from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_dir, atomic_file, atomic_write_text
 from alps_ds.train.config import RunConfig, gradient_accumulation
-from alps_ds.train.data import Example, StepPlan, collate, tokenize_all
+from alps_ds.train.data import StepPlan, collate, tokenize_all
 
 # The run config owns these DeepSpeed keys; a DS JSON may leave them out, say "auto", or repeat the same value.
 _DS_OWNED = {
@@ -424,7 +424,8 @@ def optimizer_bytes(engine) -> dict[str, int]:
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
     # ZeRO keeps the fp32 master partitions in its own lists (stage 3 swaps the inner groups' tensors).
-    masters = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_partitioned_groups_flat", None)
+    masters = getattr(opt, "single_partition_of_fp32_groups", None)
+    masters = masters if masters is not None else getattr(opt, "fp32_partitioned_groups_flat", None)
     if masters is None:
         masters = [p for g in inner.param_groups for p in g["params"]]
     params = sum(p.numel() * p.element_size() for p in masters)

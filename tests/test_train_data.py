@@ -17,8 +17,8 @@ from alps_ds.train.data import (
     alpaca_segments,
     collate,
     pack,
-    tokenize_all,
     to_messages,
+    tokenize_all,
 )
 from alps_ds.train.tokenizer import BYTE_VOCAB, byte_tokenizer
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from scipy.spatial.distance import cosine as scipy_cosine
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import wasserstein_distance
-from safetensors.torch import load_file, save_file
 
 from alps_ds.arch import AttentionSpec
 from alps_ds.choose import count_for_ratio, top_k

@@ -68,12 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 # ---- file handling -------------------------------------------------------------------------
 def _in_path(name: str) -> Path:
-    """A heads.json, or a folder holding one (what localize --out writes)."""
-    path = Path(name)
-    return path / "heads.json" if path.is_dir() else path
-
-
-def _out_path(name: str) -> Path:
+    """A heads.json, or a folder holding one (what localize --out writes); used for --out too."""
     path = Path(name)
     return path / "heads.json" if path.is_dir() else path
 
@@ -85,7 +80,7 @@ def _label(path: str | Path) -> str:
 
 
 def _save(selection: HeadSelection, name: str) -> Path:
-    path = _out_path(name)
+    path = _in_path(name)
     try:
         return selection.save(path)
     except OSError as e:

@@ -1,0 +1,192 @@
+"""``alps-ds launch``: start ``alps-ds train`` on many nodes (hostfile, SLURM or mpirun), after pre-flight checks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+
+from alps_ds.errors import AlpsError
+
+HELP = "launch training on several nodes (hostfile, SLURM, mpirun) after pre-flight checks; --dry-run prints argv"
+DESCRIPTION = (
+    "Build and run the launcher command for 'alps-ds train <train arguments>' (everything after '--'). "
+    "--hostfile: the DeepSpeed launcher (pdsh/openmpi/mpich/slurm fan-out, or --no-ssh with one command per "
+    "node and --node-rank) or torchrun per node. --slurm: hosts from SLURM_JOB_NODELIST (scontrol when "
+    "present), GPUs from SLURM_GPUS_ON_NODE/SLURM_GPUS_PER_NODE/CUDA_VISIBLE_DEVICES, this node from "
+    "SLURM_NODEID; writes the hostfile it uses. --mpi: one mpirun; ranks find RANK/WORLD_SIZE/LOCAL_RANK/"
+    "MASTER_ADDR through alps_ds.launcher.discover. Pre-flight checks run first; any failure stops the launch. "
+    "See docs/launch.md."
+)
+DEFAULT_PORT = 29500
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--hostfile", metavar="FILE", help="'HOST slots=N' per line (see launch/hostfile.example)")
+    src.add_argument("--slurm", action="store_true", help="take hosts, GPUs and node rank from the SLURM job")
+    parser.add_argument("--mpi", action="store_true", help="start ranks with one mpirun (hosts from --hostfile)")
+    parser.add_argument("--nproc-per-node", type=int, metavar="N", help="ranks per node (default: slots / GPUs / 1)")
+    parser.add_argument("--master-addr", metavar="A", help="rendezvous host (default: the first host)")
+    parser.add_argument("--master-port", type=int, default=DEFAULT_PORT, metavar="P", help="rendezvous port")
+    parser.add_argument(
+        "--starter", choices=("deepspeed", "torchrun"), default="deepspeed", help="what starts ranks on each node"
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=("pdsh", "openmpi", "mpich", "slurm"),
+        default="pdsh",
+        help="how the deepspeed launcher reaches the other nodes (without --no-ssh)",
+    )
+    parser.add_argument("--no-ssh", action="store_true", help="one deepspeed command per node (run each on its node)")
+    parser.add_argument("--node-rank", type=int, help="with per-node commands: which node this is")
+    parser.add_argument("--include", help="deepspeed --include, e.g. 'node1:0,1@node2:0' (default: all slots)")
+    parser.add_argument("--mpi-flavor", choices=("auto", "mpich", "openmpi"), default="auto")
+    parser.add_argument("--hostfile-out", metavar="FILE", help="--slurm: where to write the hostfile")
+    parser.add_argument(
+        "--script", metavar="FILE", help="run this Python script on every rank instead of alps-ds train"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the exact argv per node and exit")
+    parser.add_argument("--skip-check", action="store_true", help="do not run the pre-flight checks")
+    from alps_ds.launcher.preflight import add_check_arguments
+
+    add_check_arguments(parser)
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_ARGS", help="alps-ds train arguments")
+
+
+def _train_config(train_args: list[str]) -> str | None:
+    for i, a in enumerate(train_args):
+        if a == "--config" and i + 1 < len(train_args):
+            return train_args[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def plan_commands(args: argparse.Namespace, env=os.environ):
+    """(commands, hosts, this node's rank or None, world size, master addr, notes) for ``args``."""
+    from alps_ds.launcher import build
+    from alps_ds.launcher import hosts as hostmod
+
+    train_args = list(args.train_args)
+    if train_args[:1] == ["--"]:
+        train_args = train_args[1:]
+    entry = build.Entry.of_script(args.script, train_args) if args.script else build.Entry.train(train_args)
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        raise AlpsError("--nproc-per-node must be at least 1")
+    notes: list[str] = []
+    node_rank = args.node_rank
+    hostfile = None
+    if args.slurm:
+        if args.mpi:
+            raise AlpsError("--slurm with --mpi: under SLURM use srun or plain --slurm (the deepspeed launcher)")
+        job = hostmod.slurm_job(env, args.nproc_per_node)
+        hosts = list(job.hosts)
+        node_rank = job.node_rank if node_rank is None else node_rank
+        hostfile = args.hostfile_out or os.path.join(".alps-ds", f"hostfile.{job.job_id}")
+        if not args.dry_run:
+            hostmod.write_hostfile(hostfile, hosts)
+        notes.append(f"hostfile {hostfile}: {len(hosts)} nodes x {hosts[0].slots} GPUs (SLURM)")
+    elif args.hostfile:
+        hosts = hostmod.read_hostfile(args.hostfile)
+        if args.nproc_per_node:
+            hosts = [hostmod.Host(h.name, args.nproc_per_node) for h in hosts]
+        hostfile = args.hostfile
+    else:
+        hosts = [hostmod.Host("localhost", args.nproc_per_node or 1)]
+    multi = len(hosts) > 1
+    master_addr = args.master_addr or (hosts[0].name if multi else "127.0.0.1")
+    port = args.master_port
+    world = build.world_size(hosts)
+
+    if args.mpi:
+        flavor = build.mpi_flavor() if args.mpi_flavor == "auto" else args.mpi_flavor
+        cmds = [
+            build.mpirun_command(
+                hosts if multi or args.hostfile else None,
+                entry,
+                nproc=world,
+                master_addr=args.master_addr or (None if multi else "127.0.0.1"),
+                master_port=port,
+                flavor=flavor,
+            )
+        ]
+    elif args.starter == "torchrun":
+        cmds = build.torchrun_commands(hosts, entry, master_addr=master_addr, master_port=port)
+    else:
+        per_node = args.no_ssh or (args.slurm and args.launcher != "slurm")
+        include = args.include or (build.include_spec(hosts) if args.nproc_per_node and hostfile else None)
+        if hostfile is None:
+            cmds = [
+                build.NodeCommand(
+                    None,
+                    "localhost",
+                    tuple(build.deepspeed_local_argv(hosts[0].slots, entry, master_addr=master_addr, master_port=port)),
+                )
+            ]
+        else:
+            cmds = build.deepspeed_commands(
+                hosts,
+                hostfile,
+                entry,
+                master_addr=master_addr,
+                master_port=port,
+                launcher=args.launcher,
+                no_ssh=per_node,
+                include=include,
+            )
+    return cmds, hosts, node_rank, world, master_addr, notes
+
+
+def _mine(cmds, node_rank):
+    """The command this node runs (None: nothing to run here)."""
+    if len(cmds) == 1 and cmds[0].node_rank is None:
+        return cmds[0] if not node_rank else None
+    if node_rank is None:
+        if len(cmds) == 1:
+            return cmds[0]
+        raise AlpsError(
+            f"{len(cmds)} nodes, one command each: pass --node-rank 0..{len(cmds) - 1} on each node "
+            "(or --slurm under srun), or --dry-run to see them all"
+        )
+    if not 0 <= node_rank < len(cmds):
+        raise AlpsError(f"--node-rank {node_rank} is outside the {len(cmds)} hosts (0..{len(cmds) - 1})")
+    return cmds[node_rank]
+
+
+def run(args: argparse.Namespace) -> int:
+    from alps_ds.commands.check import load_run, report
+    from alps_ds.launcher.preflight import inputs_from_args, run_checks
+
+    cmds, hosts, node_rank, world, master_addr, notes = plan_commands(args)
+    for note in notes:
+        print(f"NOTE {note}")
+    if args.dry_run:
+        for c in cmds:
+            where = "launching node" if c.node_rank is None else f"node {c.node_rank}"
+            print(f"# {where} ({c.host or 'this machine'})")
+            print(shlex.join(c.argv))
+        return 0
+    mine = _mine(cmds, node_rank)
+    if not args.skip_check:
+        train_args = [a for a in args.train_args if a != "--"]
+        config = None if args.script else _train_config(train_args)
+        # Only the master node binds the rendezvous port; other nodes would see it taken.
+        master_here = node_rank in (None, 0)
+        inp = inputs_from_args(
+            args,
+            world_size=world,
+            master_addr=master_addr,
+            master_port=args.master_port if master_here and not args.mpi else None,
+            run=load_run(config),
+        )
+        if not report(run_checks(inp), inp.notes):
+            print("alps-ds: error: pre-flight checks failed; nothing was launched", file=sys.stderr)
+            return 1
+    if mine is None:
+        print(f"NOTE node {node_rank}: the launcher on node 0 starts this node's ranks; nothing to run here")
+        return 0
+    print(f"alps-ds launch: {shlex.join(mine.argv)}", flush=True)
+    return subprocess.run(list(mine.argv)).returncode

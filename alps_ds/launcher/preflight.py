@@ -1,0 +1,319 @@
+"""Pre-flight checks (``alps-ds check``, and ``alps-ds launch`` before it starts anything).
+
+Each check yields one :class:`Finding`; a job with any failure is not launched. Checks that
+lack their inputs (no model given, master on another host) are reported as skipped, never
+silently passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from alps_ds.errors import AlpsError
+
+Status = Literal["ok", "fail", "warn", "skip"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    status: Status
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.status.upper():4} {self.check}: {self.detail}"
+
+
+@dataclass
+class CheckInputs:
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+    model: str | None = None  # model folder / config.json
+    heads: str | None = None  # heads.json
+    ratio: float = 0.1  # for the memory plan when no heads.json is given
+    kv: str = "group"
+    train_others: tuple[str, ...] = ()
+    layout: str | None = None  # tensor-parallel layout (alps_ds.parallel.mapping); None: the model's own
+    zero: int = 2
+    offload: bool = False
+    gpu_mem_gib: float | None = None
+    headroom: float = 0.1
+    seq_len: int = 4096
+    micro_batch: int = 1
+    checkpointing: bool = True
+    output_dir: str | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    max_imbalance: float | None = None  # fail above this max/mean trainable elements over ranks
+    notes: list[str] = field(default_factory=list)
+
+
+def _local_addresses() -> set[str]:
+    names = {"localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname(), socket.getfqdn()}
+    with contextlib.suppress(OSError):
+        names.add(socket.gethostbyname(socket.gethostname()))
+    return names
+
+
+def port_free(port: int, addr: str = "") -> bool:
+    """True when a TCP listener could bind ``port`` here (what the rendezvous store will do)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((addr, port))
+        except OSError:
+            return False
+    return True
+
+
+def writable_dir(path: str) -> str | None:
+    """None when files can be created in ``path`` (or, if it does not exist yet, in its nearest
+    existing parent); else the reason."""
+    p = Path(path).expanduser().absolute()
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            return f"no existing parent of {p}"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".alps-ds-check.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        return f"cannot create files in {probe} ({e.strerror})"
+    return None
+
+
+def run_checks(inp: CheckInputs) -> list[Finding]:
+    out: list[Finding] = []
+    add = out.append
+    mp = inp.tp * inp.pp
+
+    # World size and the model-parallel grid.
+    if inp.world_size < 1 or inp.tp < 1 or inp.pp < 1:
+        add(Finding("world size", "fail", f"world {inp.world_size}, tp {inp.tp}, pp {inp.pp} must all be >= 1"))
+    elif inp.world_size % mp:
+        add(
+            Finding(
+                "world size",
+                "fail",
+                f"{inp.world_size} ranks are not divisible by tp x pp = {inp.tp} x {inp.pp}; "
+                "change the node/GPU count or --tp/--pp",
+            )
+        )
+    else:
+        add(
+            Finding(
+                "world size", "ok", f"{inp.world_size} ranks = dp {inp.world_size // mp} x tp {inp.tp} x pp {inp.pp}"
+            )
+        )
+
+    # Model, selection, TP compatibility, balance and memory need the model config.
+    cfg = spec = heads = None
+    if inp.model:
+        try:
+            from alps_ds.arch import AttentionSpec
+            from alps_ds.plan import load_config
+
+            cfg = load_config(inp.model)
+            spec = AttentionSpec.from_config(cfg, source=inp.model)
+        except AlpsError as e:
+            add(Finding("model", "fail", str(e)))
+    if spec is None:
+        add(Finding("selection", "skip", "no model config given (--model)"))
+    elif inp.heads:
+        from alps_ds.selection import HeadSelection
+
+        try:
+            heads = list(HeadSelection.load(inp.heads, spec=spec).heads)
+            add(Finding("selection", "ok", f"{inp.heads}: {len(heads)} heads, made for this model"))
+        except AlpsError as e:
+            add(Finding("selection", "fail", str(e)))
+    else:
+        add(Finding("selection", "skip", "no heads.json given (--heads); the plan uses the worst case"))
+
+    if spec is not None and inp.pp > spec.num_layers:
+        add(Finding("pipeline", "fail", f"--pp {inp.pp} exceeds the model's {spec.num_layers} layers"))
+    if spec is not None:
+        _tp_checks(inp, spec, heads, add)
+    if spec is not None and inp.gpu_mem_gib and inp.world_size % mp == 0:
+        _memory_check(inp, cfg, heads, add)
+    elif not inp.gpu_mem_gib:
+        add(Finding("memory", "skip", "no GPU memory size given (--gpu-mem GIB)"))
+
+    if inp.output_dir:
+        why = writable_dir(inp.output_dir)
+        add(Finding("output dir", "fail" if why else "ok", why or f"{inp.output_dir} is writable"))
+    else:
+        add(Finding("output dir", "skip", "no output folder given"))
+
+    if inp.master_port is None:
+        add(Finding("master port", "skip", "no master port given"))
+    elif not 0 < inp.master_port < 65536:
+        add(Finding("master port", "fail", f"{inp.master_port} is not a TCP port (1-65535)"))
+    elif inp.master_addr and inp.master_addr not in _local_addresses():
+        add(Finding("master port", "skip", f"master {inp.master_addr} is another host; checked there"))
+    elif port_free(inp.master_port):
+        add(Finding("master port", "ok", f"{inp.master_port} is free here"))
+    else:
+        add(
+            Finding(
+                "master port",
+                "fail",
+                f"{inp.master_port} is in use on this host; pass another --master-port (or stop the old job)",
+            )
+        )
+    return out
+
+
+def _tp_checks(inp: CheckInputs, spec, heads, add) -> None:
+    """n and ng vs TP (alps_ds.parallel.mapping's rules), and per-rank trainable balance."""
+    from alps_ds.parallel import mapping
+
+    layout = inp.layout or mapping.native_layout(spec)
+    try:
+        mapping.TensorParallel(spec, layout, inp.tp)
+    except AlpsError as e:
+        add(Finding("tensor parallel", "fail", str(e)))
+        return
+    add(
+        Finding(
+            "tensor parallel",
+            "ok",
+            f"{spec.num_heads} heads / {spec.num_kv_heads} kv heads split over tp {inp.tp} ({layout})",
+        )
+    )
+    if heads is None or inp.tp * inp.pp == 1:
+        add(Finding("balance", "skip", "needs a heads.json and tp or pp > 1"))
+        return
+    try:
+        pipeline = mapping.PipelineSplit.even(spec.num_layers, inp.pp)
+        grid = mapping.plan(spec, heads, tp=inp.tp, layout=layout, pipeline=pipeline, kv=inp.kv)
+    except AlpsError as e:
+        add(Finding("balance", "fail", str(e)))
+        return
+    per_rank = grid.rank_elements()
+    ratio = grid.imbalance()
+    detail = (
+        f"trainable elements per (pp, tp) rank: min {min(per_rank.values()):,}, max {max(per_rank.values()):,}; "
+        f"max/mean {ratio:.2f}"
+        if ratio is not None
+        else "no rank trains anything"
+    )
+    if ratio is not None and inp.max_imbalance is not None and ratio > inp.max_imbalance:
+        add(
+            Finding("balance", "fail", f"{detail} > --max-imbalance {inp.max_imbalance}; rebalance with alps-ds layout")
+        )
+    else:
+        add(Finding("balance", "warn" if ratio is not None and ratio > 1.5 else "ok", detail))
+
+
+def _memory_check(inp: CheckInputs, cfg, heads, add) -> None:
+    from alps_ds.plan import Activation, GiB, Parallel, make_plan
+
+    try:
+        plan = make_plan(
+            cfg,
+            ratio=inp.ratio,
+            heads=heads,
+            kv=inp.kv,
+            train_others=inp.train_others,
+            parallel=Parallel(inp.tp, inp.pp, inp.world_size // (inp.tp * inp.pp), inp.zero, inp.offload),
+            activation=Activation(inp.seq_len, inp.micro_batch, inp.checkpointing),
+            gpu_mem_gib=inp.gpu_mem_gib,
+            headroom=inp.headroom,
+        )
+    except AlpsError as e:
+        add(Finding("memory", "fail", str(e)))
+        return
+    alps = plan.rows[0]
+    fits = alps.total <= plan.usable
+    detail = plan.verdict(alps) + f" per GPU, ZeRO-{inp.zero}"
+    if not fits:
+        detail += (
+            f"; non-activation {alps.non_activation / GiB:.1f} GiB: try ZeRO-3, --offload, more GPUs or checkpointing"
+        )
+    add(Finding("memory", "ok" if fits else "fail", detail))
+
+
+def failed(findings: list[Finding]) -> bool:
+    return any(f.status == "fail" for f in findings)
+
+
+def add_check_arguments(parser) -> None:
+    """Options shared by ``alps-ds check`` and ``alps-ds launch``: what to check the job against."""
+    g = parser.add_argument_group("pre-flight checks")
+    g.add_argument("--model", metavar="CONFIG_OR_DIR", help="model folder or config.json (default: from the run YAML)")
+    g.add_argument("--heads", metavar="HEADS_JSON", help="head selection (default: from the run YAML)")
+    g.add_argument("--ratio", type=float, default=0.1, help="head ratio for the memory plan without --heads")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    g.add_argument("--tp-layout", choices=("hf", "fused", "neox", "megatron", "autotp"), help="how TP splits Q/K/V")
+    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage for the memory plan (default: YAML, 2)")
+    g.add_argument("--offload", action="store_true", help="plan with ZeRO optimizer offload")
+    g.add_argument("--gpu-mem", type=float, metavar="GIB", help="GPU memory in GiB; enables the memory check")
+    g.add_argument("--seq-len", type=int, default=4096, help="sequence length for the activation estimate")
+    g.add_argument("--micro-batch", type=int, default=1, help="micro batch for the activation estimate")
+    g.add_argument("--output-dir", metavar="DIR", help="where the job writes (default: from the run YAML)")
+    g.add_argument("--max-imbalance", type=float, help="fail when max/mean trainable elements over ranks exceeds it")
+
+
+def inputs_from_args(
+    args, *, world_size: int, master_addr: str | None, master_port: int | None, run=None
+) -> CheckInputs:
+    """CheckInputs from CLI options, filling model/heads/output/ZeRO from a train run config ``run``."""
+    inp = CheckInputs(
+        world_size=world_size,
+        tp=args.tp,
+        pp=args.pp,
+        model=args.model,
+        heads=args.heads,
+        ratio=args.ratio,
+        layout=args.tp_layout,
+        zero=args.zero if args.zero is not None else 2,
+        offload=args.offload,
+        gpu_mem_gib=args.gpu_mem,
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        output_dir=args.output_dir,
+        master_addr=master_addr,
+        master_port=master_port,
+        max_imbalance=args.max_imbalance,
+    )
+    if run is not None:
+        _fill_from_run(inp, run, zero_given=args.zero is not None)
+    return inp
+
+
+def _fill_from_run(inp: CheckInputs, run, *, zero_given: bool) -> None:
+    """Take what the run YAML says (``alps_ds.train.config.RunConfig``) where no option overrides it."""
+    import json
+
+    path = run.model.path or ""
+    if inp.model is None and path and not path.startswith("tiny:"):
+        inp.model = path
+    if path.startswith("tiny:"):
+        inp.notes.append(f"model {path} is built in code: model, selection and memory checks skipped")
+    if inp.heads is None and run.selection.heads:
+        inp.heads = run.selection.heads
+    if inp.output_dir is None:
+        inp.output_dir = run.output.dir
+    inp.kv = run.kv
+    inp.train_others = tuple(run.train_others)
+    inp.ratio = run.selection.ratio
+    ds = run.deepspeed
+    if not zero_given and ds is not None:
+        try:
+            ds = json.loads(Path(ds).read_text()) if isinstance(ds, str) else ds
+            inp.zero = int(ds.get("zero_optimization", {}).get("stage", inp.zero))
+            inp.offload = inp.offload or bool(ds.get("zero_optimization", {}).get("offload_optimizer"))
+        except (OSError, ValueError, AttributeError):
+            inp.notes.append(f"deepspeed config {run.deepspeed!r} unreadable here; planned with ZeRO-{inp.zero}")

@@ -1,0 +1,545 @@
+"""Memory planner: per-GPU bytes of an ALPS job beside full fine-tuning and LoRA, before any GPU is touched.
+
+Parameter counts are exact, computed from the model config per module (embeddings, q/k/v/o,
+MLP, norms, lm_head; tied embeddings counted once); what ALPS trains comes from
+:func:`alps_ds.layout.trainable_rows`, for a given selection or for the worst selection of
+``K = count_for_ratio(r)`` heads. Byte terms follow how DeepSpeed holds state (see
+``docs/plan.md``): 16-bit weights and gradients, an fp32 master copy and two fp32 AdamW
+moments per trained element, partitioned over data-parallel ranks by ZeRO stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from alps_ds.arch import AttentionSpec
+from alps_ds.choose import count_for_ratio
+from alps_ds.errors import AlpsError
+from alps_ds.layout import KVPolicy, trainable_rows
+
+GiB = 1024**3
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+MASTER_BYTES = 4  # fp32 master copy of each trained element (ZeRO keeps one even for fp32 models)
+ADAM_BYTES = 8  # exp_avg + exp_avg_sq in fp32
+LORA_RANK = 128
+
+Head = tuple[int, int]
+
+
+# ---- exact parameter counts ----------------------------------------------------------------------
+def _config_dict(config: Any) -> dict[str, Any]:
+    """A config as a dict with the family's defaults filled in (``transformers`` knows them)."""
+    if isinstance(config, dict):
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.for_model(**config)
+        except (ValueError, TypeError, KeyError) as e:
+            raise AlpsError(f"config: transformers cannot read it ({e}); point to a model's config.json") from e
+    return config.to_dict()
+
+
+def count_parameters(config: Any, spec: AttentionSpec | None = None) -> dict[str, int]:
+    """Parameter name (as ``model.named_parameters()`` gives it) -> element count, from the config alone."""
+    cfg = _config_dict(config)
+    spec = spec or AttentionSpec.from_config(cfg)
+    d, n, g, hd, L = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_layers
+    vocab, inter = cfg["vocab_size"], cfg["intermediate_size"]
+    t = spec.model_type
+    out: dict[str, int] = {}
+
+    def linear(name: str, rows: int, cols: int, bias: bool) -> None:
+        out[f"{name}.weight"] = rows * cols
+        if bias:
+            out[f"{name}.bias"] = rows
+
+    def norm(name: str, width: int, bias: bool = False) -> None:
+        out[f"{name}.weight"] = width
+        if bias:
+            out[f"{name}.bias"] = width
+
+    tied = bool(cfg.get("tie_word_embeddings"))
+    if t == "gpt_neox":
+        out["gpt_neox.embed_in.weight"] = vocab * d
+        bias = bool(cfg.get("attention_bias", True))
+        for i in range(L):
+            p = f"gpt_neox.layers.{i}"
+            norm(f"{p}.input_layernorm", d, True)
+            norm(f"{p}.post_attention_layernorm", d, True)
+            linear(f"{p}.attention.query_key_value", 3 * n * hd, d, bias)
+            linear(f"{p}.attention.dense", d, n * hd, bias)
+            linear(f"{p}.mlp.dense_h_to_4h", inter, d, True)
+            linear(f"{p}.mlp.dense_4h_to_h", d, inter, True)
+        norm("gpt_neox.final_layer_norm", d, True)
+    else:
+        out["model.embed_tokens.weight"] = vocab * d
+        qkv_bias = spec.qkv_bias
+        o_bias = qkv_bias and t in ("llama", "qwen3", "gemma", "gemma2")
+        mlp_bias = bool(cfg.get("mlp_bias")) and t == "llama"
+        for i in range(L):
+            p = f"model.layers.{i}"
+            if t == "phi3":
+                linear(f"{p}.self_attn.o_proj", d, n * hd, False)
+                linear(f"{p}.self_attn.qkv_proj", (n + 2 * g) * hd, d, False)
+                linear(f"{p}.mlp.gate_up_proj", 2 * inter, d, False)
+                linear(f"{p}.mlp.down_proj", d, inter, False)
+            else:
+                linear(f"{p}.self_attn.q_proj", n * hd, d, qkv_bias)
+                linear(f"{p}.self_attn.k_proj", g * hd, d, qkv_bias)
+                linear(f"{p}.self_attn.v_proj", g * hd, d, qkv_bias)
+                linear(f"{p}.self_attn.o_proj", d, n * hd, o_bias)
+                if t == "qwen3":
+                    norm(f"{p}.self_attn.q_norm", hd)
+                    norm(f"{p}.self_attn.k_norm", hd)
+                for m in ("gate_proj", "up_proj"):
+                    linear(f"{p}.mlp.{m}", inter, d, mlp_bias)
+                linear(f"{p}.mlp.down_proj", d, inter, mlp_bias)
+            norm(f"{p}.input_layernorm", d)
+            norm(f"{p}.post_attention_layernorm", d)
+            if t == "gemma2":
+                norm(f"{p}.pre_feedforward_layernorm", d)
+                norm(f"{p}.post_feedforward_layernorm", d)
+        norm("model.norm", d)
+    if not tied:
+        out["lm_head.weight"] = vocab * d
+    return out
+
+
+def layer_of(name: str) -> int | None:
+    """Layer index of a parameter name (``model.layers.3....`` -> 3), None for embeddings/head/final norm."""
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a == "layers" and b.isdigit():
+            return int(b)
+    return None
+
+
+# ---- which heads, and what they train ---------------------------------------------------------------
+def autotp_groups(num_kv_heads: int, tp: int) -> list[range]:
+    """KV groups held by each tensor-parallel rank as DeepSpeed AutoTP splits q/k/v: rank t gets
+    g // T + (1 if t < g % T else 0) consecutive groups (ranks past g get none)."""
+    base, extra = divmod(num_kv_heads, tp)
+    out, start = [], 0
+    for t in range(tp):
+        size = base + (1 if t < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def stage_layers(num_layers: int, pp: int) -> list[range]:
+    """Layers of each pipeline stage, split evenly (the first stages take the remainder)."""
+    base, extra = divmod(num_layers, pp)
+    out, start = [], 0
+    for s in range(pp):
+        size = base + (1 if s < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def worst_case_heads(spec: AttentionSpec, k: int, *, layers: Iterable[int] | None = None, groups=None) -> list[Head]:
+    """A selection of ``k`` heads that trains the most elements on the rank holding ``layers`` and kv
+    ``groups`` (default: all): heads go there first, and each new head touches a kv group not yet
+    trained while one is left (its K/V rows then count too)."""
+    layers = set(range(spec.num_layers) if layers is None else layers)
+    groups = set(range(spec.num_kv_heads) if groups is None else groups)
+    m = spec.group_size
+
+    def key(head: Head) -> tuple:
+        layer, h = head
+        j = spec.kv_head(h)
+        return (not (layer in layers and j in groups), h % m, layer, j)
+
+    pool = sorted(((layer, h) for layer in range(spec.num_layers) for h in range(spec.num_heads)), key=key)
+    return sorted(pool[:k])
+
+
+def _block_group(spec: AttentionSpec, module: str, start: int) -> int:
+    """KV group of the hd-row block starting at ``start`` in ``module`` (q rows map through their head)."""
+    n, g, hd, m = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.group_size
+    block = start // hd
+    if spec.layout == "neox":
+        return block // 3
+    if spec.layout == "fused":
+        if block < n:
+            return block // m
+        return (block - n) % g
+    return block // m if module == "q_proj" else block
+
+
+def slice_elements(
+    spec: AttentionSpec, heads: Sequence[Head], kv: KVPolicy = "group", *, tp: int = 1
+) -> dict[tuple[str, int], int]:
+    """(module path, tp rank) -> trainable slice elements (weight rows x d, plus bias entries)."""
+    groups = autotp_groups(spec.num_kv_heads, tp)
+    rank_of = {j: t for t, r in enumerate(groups) for j in r}
+    per_row = spec.hidden_size + (1 if spec.qkv_bias else 0)
+    out: dict[tuple[str, int], int] = {}
+    hd = spec.head_dim
+    for mr in trainable_rows(spec, heads, kv):
+        path = spec.module_path(mr.layer, mr.module)
+        for a, b in mr.ranges:
+            for start in range(a, b, hd):
+                key = (path, rank_of[_block_group(spec, mr.module, start)])
+                out[key] = out.get(key, 0) + min(hd, b - start) * per_row
+    return out
+
+
+def module_elements(spec: AttentionSpec, heads: Sequence[Head], kv: KVPolicy = "group") -> dict[str, int]:
+    """Q/K/V module path -> trainable slice elements of ``heads`` in the unsharded model."""
+    out: dict[str, int] = {}
+    for (path, _), v in slice_elements(spec, heads, kv).items():
+        out[path] = out.get(path, 0) + v
+    return out
+
+
+def others_matcher():
+    """The engine hook's ``train_others`` pattern rule, so the plan trains what ``apply`` would."""
+    from alps_ds.sparse.hook import _pattern_matches
+
+    return _pattern_matches
+
+
+def train_others_params(params: dict[str, int], spec: AttentionSpec, patterns: Sequence[str]) -> set[str]:
+    """Names of parameters outside Q/K/V that ``train_others`` trains in full (error on a pattern matching none)."""
+    if not patterns:
+        return set()
+    match = others_matcher()
+    qkv = {spec.module_path(layer, m) for layer in range(spec.num_layers) for m in spec.modules}
+    chosen: set[str] = set()
+    for pat in patterns:
+        hits = {name for name in params if name.rpartition(".")[0] not in qkv and (pat == "all" or match(pat, name))}
+        if not hits:
+            raise AlpsError(
+                f"--train-others {pat!r} matches no parameter outside Q/K/V; "
+                "use module names such as mlp, o_proj, norm, embed_tokens, lm_head, or 'all'"
+            )
+        chosen |= hits
+    return chosen
+
+
+# ---- the plan ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Parallel:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero: int = 3
+    offload: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp"):
+            if getattr(self, name) < 1:
+                raise AlpsError(f"--{name} must be at least 1")
+        if self.zero not in (0, 1, 2, 3):
+            raise AlpsError(f"--zero {self.zero} is not a ZeRO stage; use 0, 1, 2 or 3")
+        if self.offload and self.zero == 0:
+            raise AlpsError("--offload needs ZeRO stage 1, 2 or 3 (optimizer offload is a ZeRO feature)")
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass(frozen=True)
+class Activation:
+    seq_len: int = 4096
+    micro_batch: int = 1
+    checkpointing: bool = True
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per GPU (the most loaded rank) for one way of training."""
+
+    name: str
+    trainable: int  # elements trained on this rank before ZeRO partitioning
+    frozen_weights: int
+    trainable_weights: int
+    gradients: int
+    master: int
+    optimizer: int
+    zero3_buffers: int
+    activations: int
+    cpu_offload: int  # bytes moved to host memory per rank (master + optimizer under --offload)
+
+    @property
+    def non_activation(self) -> int:
+        return self.frozen_weights + self.trainable_weights + self.gradients + self.master + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.non_activation + self.zero3_buffers + self.activations
+
+    def terms(self) -> dict[str, int]:
+        return {
+            "frozen weights": self.frozen_weights,
+            "trainable weights": self.trainable_weights,
+            "gradients": self.gradients,
+            "fp32 master": self.master,
+            "optimizer states": self.optimizer,
+            "ZeRO-3 gather buffers": self.zero3_buffers,
+            "activations": self.activations,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_type: str
+    total_params: int
+    heads: int
+    heads_source: str  # "worst case of K" or the heads.json path
+    parallel: Parallel
+    activation: Activation
+    gpu_mem_gib: float
+    headroom: float
+    gpus_per_node: int
+    rows: tuple[Memory, ...]  # alps, full fine-tuning, lora
+    per_module: dict[str, int] = field(repr=False)  # ALPS trainable slice elements per Q/K/V module
+
+    @property
+    def usable(self) -> float:
+        return self.gpu_mem_gib * GiB * (1 - self.headroom)
+
+    def verdict(self, mem: Memory) -> str:
+        if mem.total <= self.usable:
+            return f"fits ({mem.total / GiB:.1f} of {self.usable / GiB:.1f} GiB usable)"
+        biggest = max(mem.terms().items(), key=lambda kv: kv[1])
+        return (
+            f"does not fit ({mem.total / GiB:.1f} > {self.usable / GiB:.1f} GiB usable; "
+            f"largest term: {biggest[0]} {biggest[1] / GiB:.1f} GiB)"
+        )
+
+
+def _state_bytes(
+    name: str,
+    trainable: int,
+    frozen: int,
+    par: Parallel,
+    wbytes: int,
+    zero3_buffers: int,
+    activations: int,
+) -> Memory:
+    """Per-rank bytes for ``trainable`` and ``frozen`` elements held by this model-parallel rank."""
+    dp = par.dp
+
+    def part(x: int, from_stage: int) -> int:
+        # ZeRO partitions a state across data-parallel ranks from this stage on (ceil: padding).
+        return -(-x // dp) if par.zero >= from_stage else x
+
+    master = part(trainable, 1) * MASTER_BYTES if par.zero >= 1 or wbytes != 4 else 0
+    optim = part(trainable, 1) * ADAM_BYTES
+    cpu = 0
+    if par.offload:
+        cpu, master, optim = master + optim, 0, 0
+    return Memory(
+        name=name,
+        trainable=trainable,
+        frozen_weights=part(frozen, 3) * wbytes,
+        trainable_weights=part(trainable, 3) * wbytes,
+        gradients=part(trainable, 2) * wbytes,
+        master=master,
+        optimizer=optim,
+        zero3_buffers=zero3_buffers if par.zero == 3 else 0,
+        activations=activations,
+        cpu_offload=cpu,
+    )
+
+
+def activation_bytes(
+    cfg: dict[str, Any],
+    spec: AttentionSpec,
+    layers: int,
+    last_stage: bool,
+    act: Activation,
+    tp: int,
+    pp: int,
+    wbytes: int,
+) -> int:
+    """Estimate of activation memory on one rank (see docs/plan.md; not validated against an engine).
+
+    Per token and layer a decoder layer keeps about 4d + (n + 2g)hd + 2n*hd + 4I 16-bit values for
+    backward with a fused (flash) attention kernel; the attention and MLP parts split over TP. With
+    checkpointing only each layer's input (d values) stays, plus one layer recomputed at a time.
+    The last stage also holds the logits (16-bit) and their fp32 copy for the loss. 1F1B pipelining
+    keeps up to ``pp`` micro-batches in flight on the first stage.
+    """
+    d, n, g, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    inter = cfg["intermediate_size"]
+    tokens = act.seq_len * act.micro_batch
+    full_layer = 4 * d + ((n + 2 * g) * hd + 2 * n * hd + 4 * inter) // tp
+    per_layer = d if act.checkpointing else full_layer
+    values = tokens * (layers * per_layer + (full_layer if act.checkpointing else 0)) * pp
+    total = values * wbytes
+    if last_stage:
+        total += tokens * (cfg["vocab_size"] // tp) * (wbytes + 4)
+    return total
+
+
+def make_plan(
+    config: Any,
+    *,
+    ratio: float = 0.1,
+    heads: Sequence[Head] | None = None,
+    heads_source: str | None = None,
+    kv: KVPolicy = "group",
+    train_others: Sequence[str] = (),
+    parallel: Parallel | None = None,
+    activation: Activation | None = None,
+    dtype: str = "bf16",
+    gpu_mem_gib: float = 80.0,
+    headroom: float = 0.1,
+    gpus_per_node: int = 8,
+    lora_rank: int = LORA_RANK,
+) -> Plan:
+    """Per-GPU memory of ALPS (``heads`` or the worst case of ``count_for_ratio(ratio)`` heads), full
+    fine-tuning and LoRA r=``lora_rank`` on Q/K/V, on the most loaded rank."""
+    cfg = _config_dict(config)
+    spec = AttentionSpec.from_config(cfg)
+    par = parallel or Parallel()
+    act = activation or Activation()
+    if dtype not in DTYPE_BYTES:
+        raise AlpsError(f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPE_BYTES)}")
+    if not 0 <= headroom < 1:
+        raise AlpsError("--headroom must be in [0, 1), e.g. 0.1 keeps 10 % of GPU memory free")
+    if par.pp > spec.num_layers:
+        raise AlpsError(f"--pp {par.pp} exceeds the model's {spec.num_layers} layers")
+    wbytes = DTYPE_BYTES[dtype]
+    params = count_parameters(cfg, spec)
+    total = sum(params.values())
+
+    # The most loaded model-parallel rank: pipeline stage 0 (or the last one, with the lm_head) and
+    # tensor-parallel rank 0, which AutoTP gives the most kv groups.
+    stages = stage_layers(spec.num_layers, par.pp)
+    tp_groups = autotp_groups(spec.num_kv_heads, par.tp)
+
+    def stage_of(name: str) -> int:
+        layer = layer_of(name)
+        if layer is not None:
+            return next(s for s, r in enumerate(stages) if layer in r)
+        return par.pp - 1 if name.startswith(("lm_head", "model.norm", "gpt_neox.final")) else 0
+
+    others = train_others_params(params, spec, train_others)
+    if heads is None:
+        k = count_for_ratio(ratio, spec.num_layers, spec.num_heads)
+        heads_source = heads_source or f"worst case of {k} heads (ratio {ratio})"
+    else:
+        k = len(heads)
+
+    best: Memory | None = None
+    per_module: dict[str, int] = {}
+    stage_params = [0] * par.pp
+    stage_others = [0] * par.pp
+    for name, numel in params.items():
+        stage_params[stage_of(name)] += numel
+        if name in others:
+            stage_others[stage_of(name)] += numel
+    layer_params: dict[int, int] = {}
+    for name, numel in params.items():
+        layer = layer_of(name)
+        if layer is not None:
+            layer_params[layer] = layer_params.get(layer, 0) + numel
+    largest_layer = max(layer_params.values(), default=0)
+    zero3 = 2 * largest_layer // par.tp * wbytes  # one layer gathered plus one prefetched
+    rows: list[Memory] = []
+    for s in range(par.pp):
+        for t in range(par.tp):
+            chosen = heads if heads is not None else worst_case_heads(spec, k, layers=stages[s], groups=tp_groups[t])
+            sl = slice_elements(spec, chosen, kv, tp=par.tp)
+            if (s, t) == (0, 0):
+                per_module = module_elements(spec, chosen, kv)
+            mine = sum(v for (path, rank), v in sl.items() if rank == t and stage_of(path) == s)
+            trainable = mine + stage_others[s] // par.tp
+            frozen = (stage_params[s] - stage_others[s]) // par.tp
+            acts = activation_bytes(cfg, spec, len(stages[s]), s == par.pp - 1, act, par.tp, par.pp, wbytes)
+            mem = _state_bytes("alps", trainable, frozen, par, wbytes, zero3, acts)
+            if best is None or mem.total > best.total:
+                best = mem
+    assert best is not None
+    rows.append(best)
+
+    # Full fine-tuning and LoRA on the same most-loaded stage.
+    worst_stage = max(range(par.pp), key=lambda s: stage_params[s])
+    stage_total = stage_params[worst_stage] // par.tp
+    acts = activation_bytes(cfg, spec, len(stages[worst_stage]), worst_stage == par.pp - 1, act, par.tp, par.pp, wbytes)
+    rows.append(_state_bytes("full fine-tuning", stage_total, 0, par, wbytes, zero3, acts))
+    lora = len(stages[worst_stage]) * lora_elements(spec, lora_rank) // par.tp
+    rows.append(_state_bytes(f"LoRA r={lora_rank} on Q/K/V", lora, stage_total, par, wbytes, zero3, acts))
+    return Plan(
+        model_type=spec.model_type,
+        total_params=total,
+        heads=k,
+        heads_source=heads_source or "given heads",
+        parallel=par,
+        activation=act,
+        gpu_mem_gib=gpu_mem_gib,
+        headroom=headroom,
+        gpus_per_node=gpus_per_node,
+        rows=tuple(rows),
+        per_module=per_module,
+    )
+
+
+def lora_elements(spec: AttentionSpec, rank: int) -> int:
+    """LoRA A [r, d] and B [out, r] for each Q/K/V projection module of one layer."""
+    return sum(rank * (spec.hidden_size + spec.module_rows(m)) for m in spec.modules)
+
+
+def format_plan(plan: Plan) -> str:
+    """A table of per-GPU GiB per term for ALPS, full fine-tuning and LoRA, then the verdicts."""
+    par, act = plan.parallel, plan.activation
+    lines = [
+        f"model: {plan.model_type}, {plan.total_params:,} parameters; ALPS heads: {plan.heads_source}",
+        f"parallel: tp={par.tp} pp={par.pp} dp={par.dp} (world {par.world}), ZeRO-{par.zero}"
+        f"{', optimizer offload' if par.offload else ''}; activations: seq {act.seq_len} x micro batch "
+        f"{act.micro_batch}, checkpointing {'on' if act.checkpointing else 'off'}",
+        f"per GPU, GiB (most loaded rank; {plan.gpu_mem_gib:g} GiB GPUs, {plan.headroom:.0%} headroom):",
+    ]
+    names = [m.name for m in plan.rows]
+    width = max(len(n) for n in names) + 2
+    terms = list(plan.rows[0].terms())
+    lines.append(f"  {'':24}" + "".join(f"{n:>{width}}" for n in names))
+    lines.append(f"  {'trained elements':24}" + "".join(f"{m.trainable:>{width},}" for m in plan.rows))
+    for term in terms:
+        lines.append(f"  {term:24}" + "".join(f"{m.terms()[term] / GiB:>{width}.2f}" for m in plan.rows))
+    lines.append(f"  {'total':24}" + "".join(f"{m.total / GiB:>{width}.2f}" for m in plan.rows))
+    if par.offload:
+        lines.append(
+            f"  {'host RAM per node':24}"
+            + "".join(f"{m.cpu_offload * plan.gpus_per_node / GiB:>{width}.2f}" for m in plan.rows)
+        )
+    for m in plan.rows:
+        lines.append(f"{m.name}: {plan.verdict(m)}")
+    return "\n".join(lines)
+
+
+def load_config(model: str) -> dict[str, Any]:
+    """A model folder, a ``config.json`` or a hub id -> its config dict with the family defaults filled in."""
+    import json
+    from pathlib import Path
+
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise AlpsError(f"{path}: not a readable JSON config ({e}); point to a model folder") from e
+        if not isinstance(cfg, dict) or "model_type" not in cfg:
+            raise AlpsError(f"{path}: no 'model_type' key; point to a Hugging Face model's config.json")
+        AttentionSpec.from_config(cfg, source=str(path))  # names the file in errors about the shape
+        return _config_dict(cfg)
+    spec_error = None
+    try:
+        AttentionSpec.from_pretrained(model)
+    except AlpsError as e:
+        spec_error = e
+    if spec_error is not None:
+        raise spec_error
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model).to_dict()

@@ -111,7 +111,7 @@ class Adapter:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The HF model inside a DeepSpeed engine (or any wrapper exposing ``.module``)."""
-    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):
+    while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
 

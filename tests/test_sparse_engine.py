@@ -63,6 +63,11 @@ def test_optimizer_holds_exactly_the_slice_elements(results, cid):
         assert sum(per_rank) == analytic and all(0 < n < analytic for n in per_rank), per_rank
 
 
+@pytest.mark.parametrize("cid", TRAINED)
+def test_adapter_saved_from_the_engine_holds_the_trained_rows(results, cid):
+    assert get(results, cid)["adapter_matches"]
+
+
 @pytest.mark.parametrize("cid", [c["id"] for c in CASES if c["ckpt"]])
 def test_activation_checkpointing_was_active(results, cid):
     r = get(results, cid)  # a checkpointed layer runs forward twice per pass (once more in backward)

@@ -18,7 +18,9 @@ import traceback
 import deepspeed
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
+from alps_ds.adapter import save_adapter
 from alps_ds.arch import AttentionSpec
 from alps_ds.layout import trainable_rows
 from alps_ds.selection import HeadSelection, Provenance
@@ -91,7 +93,7 @@ def optimizer_elements(engine) -> int:
     return sum(p.numel() for g in inner.param_groups for p in g["params"])
 
 
-def run_case(c, rank, world):
+def run_case(c, rank, world, adapter_root):
     cfg = tiny_config(c["model"], layers=2, hidden=64, heads=4, kv_heads=2, vocab=128)
     spec = AttentionSpec.from_config(cfg)
     sel = HeadSelection(spec.fingerprint, HEADS, Provenance("explicit"))
@@ -136,6 +138,8 @@ def run_case(c, rank, world):
     handle.remove()
     opt_elems = optimizer_elements(engine)
 
+    adapter_dir = f"{adapter_root}/{c['id']}"
+    save_adapter(engine, adapter_dir)  # collective under ZeRO-3: the slices are gathered first
     merge(engine.module)
     after = full_state(engine.module)
 
@@ -165,6 +169,11 @@ def run_case(c, rank, world):
     analytic = sum(r.num_rows * (spec.hidden_size + (1 if spec.qkv_bias else 0)) for r in rows.values())
     analytic += sum(p.numel() for n, p in after.items() if any(x in n for x in c["others"]))
 
+    # The adapter written before merge must hold the real trained rows (not ZeRO-3's empty partitions).
+    adapter = load_file(f"{adapter_dir}/adapter.safetensors")
+    adapter_matches = bool(adapter) and all(
+        torch.equal(t, after[k][torch.tensor(rows[k.rpartition(".")[0]].indices())]) for k, t in adapter.items()
+    )
     counts = [None] * world
     dist.all_gather_object(counts, opt_elems)
     oks = [None] * world
@@ -178,6 +187,7 @@ def run_case(c, rank, world):
         nonselected_rows_identical=all(o[1] for o in oks),
         selected_rows_changed=all(o[2] for o in oks),
         others_changed=others_changed,
+        adapter_matches=adapter_matches,
         problems=[p for o in oks for p in o[3]][:10],
         optimizer_elements_per_rank=counts,
         analytic_elements=analytic,
@@ -199,7 +209,7 @@ def main() -> int:
         if wanted and c["id"] not in wanted:
             continue
         try:
-            results.append(run_case(c, rank, world))
+            results.append(run_case(c, rank, world, out + ".adapters"))
         except Exception as e:  # record and go on: one broken case must not hide the others
             results.append(dict(c, ok=False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:]))
         gc.collect()

@@ -271,6 +271,7 @@ def _broken_checkpoints(pairs, root: Path) -> dict[str, tuple[Path, Path, str]]:
     cases["nan"] = (base, variant("nan", lambda t: t[q1].view(-1).__setitem__(5, float("nan"))), "NaN")
     cases["missing"] = (base, variant("missing", lambda t: t.pop(q1)), "missing")
     cases["shape"] = (base, variant("shape", lambda t: t.__setitem__(q1, t[q1][:-12].clone())), "shape")
+    cases["int8"] = (base, variant("int8", lambda t: t.__setitem__(q1, t[q1].to(torch.int8))), "dtype I8")
     trunc = root / "trunc"
     shutil.copytree(task, trunc)
     with open(trunc / "model.safetensors", "r+b") as f:
@@ -283,6 +284,7 @@ def _broken_checkpoints(pairs, root: Path) -> dict[str, tuple[Path, Path, str]]:
     cases["pickle"] = (base, pickle_only, "pickle")
     cases["architecture"] = (base, pairs["qwen2"][1], "different architectures")
     cases["no-folder"] = (base, root / "nowhere", "no such model folder")
+    cases["hub-offline"] = (base, "no-such-org/no-such-model", "hub download failed")
     return cases
 
 

@@ -323,3 +323,36 @@ def test_cli_progress_bar_over_layers(pairs, tmp_path, capsys):
     assert "localize" in err and f"{LAYERS}/{LAYERS}" in err
     data = json.loads((out / "heads.json").read_text())
     assert data["num_heads_selected"] == 6 and len(data["scores"]) == LAYERS
+
+
+# ---- heatmaps -------------------------------------------------------------------------------
+
+
+def test_text_heatmap_marks_selected_heads_and_shades_by_rank():
+    from alps_ds.heatmap import text_heatmap
+
+    scores = np.arange(12.0).reshape(3, 4)
+    text = text_heatmap(scores, [(0, 1), (2, 2)])
+    rows = [line.split("|")[1] for line in text.splitlines() if "|" in line]
+    assert len(rows) == 3 and all(len(r) == 4 for r in rows)
+    assert rows[0][1] == "#" and rows[2][2] == "#" and text.count("#") == 3  # two cells + the legend
+    assert rows[2][3] == "@" and rows[0][0] == " "  # highest and lowest score
+    mask = text_heatmap(np.array([[True, False], [False, False]]))
+    assert [line.split("|")[1] for line in mask.splitlines() if "|" in line] == ["#.", ".."]
+
+
+def test_png_heatmap_panels_side_by_side(tmp_path):
+    from matplotlib.image import imread
+
+    from alps_ds.heatmap import Panel, save_heatmap
+
+    scores = np.random.default_rng(0).random((6, 8))
+    one = imread(save_heatmap(tmp_path / "one.png", [Panel("a", 6, 8, scores, [(1, 2)])]))
+    two = imread(
+        save_heatmap(tmp_path / "two.png", [Panel("a", 6, 8, scores, [(1, 2)]), Panel("b", 6, 8, None, [(0, 0)])])
+    )
+    assert two.shape[0] == one.shape[0] and two.shape[1] > 1.6 * one.shape[1]
+    # the selected cell is outlined in red
+    assert ((one[..., 0] > 0.9) & (one[..., 1] < 0.2) & (one[..., 2] < 0.2)).sum() > 20
+    with pytest.raises(ValueError):
+        Panel("bad", 6, 8, np.zeros((5, 8)))

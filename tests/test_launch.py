@@ -1,0 +1,280 @@
+"""alps-ds launch: dry-run argv for every mode, MPI/SLURM rank discovery, and pre-flight failures
+that stop a launch before anything starts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+from dist import BIN, REPO, rank_env
+
+from alps_ds.arch import AttentionSpec
+from alps_ds.cli import main
+from alps_ds.errors import AlpsError
+from alps_ds.launcher.discover import discover, export_env
+from alps_ds.launcher.preflight import CheckInputs, run_checks
+from alps_ds.selection import HeadSelection, Provenance
+from alps_ds.tiny import tiny_config
+
+TRAIN = ["--", "--config", "configs/tiny.yaml", "--set", "output.dir=/tmp/x y"]
+
+
+def dry(capsys, *argv: str) -> list[list[str]]:
+    """Run ``alps-ds launch --dry-run`` and return the printed argv lists, one per node."""
+    import shlex
+
+    assert main(["launch", "--dry-run", *argv]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return [shlex.split(line) for line in lines if line and not line.startswith(("#", "NOTE"))]
+
+
+@pytest.fixture
+def hostfile(tmp_path):
+    path = tmp_path / "hf"
+    path.write_text("# two nodes\nnode-a slots=2\nnode-b slots=2\n")
+    return str(path)
+
+
+def test_deepspeed_fan_out_one_command(capsys, hostfile):
+    (cmd,) = dry(capsys, "--hostfile", hostfile, "--launcher", "openmpi", "--master-port", "29999", *TRAIN)
+    assert cmd[0] == str(BIN / "deepspeed")
+    i = cmd.index("--module")
+    assert cmd[i + 1 :] == ["alps_ds", "train", "--config", "configs/tiny.yaml", "--set", "output.dir=/tmp/x y"]
+    assert cmd[cmd.index("--hostfile") + 1] == hostfile
+    assert cmd[cmd.index("--launcher") + 1] == "openmpi"
+    assert cmd[cmd.index("--master_addr") + 1] == "node-a" and cmd[cmd.index("--master_port") + 1] == "29999"
+    assert "--no_local_rank" in cmd[:i]
+
+
+def test_deepspeed_no_ssh_one_command_per_node(capsys, hostfile):
+    cmds = dry(capsys, "--hostfile", hostfile, "--no-ssh", "--master-addr", "10.0.0.1", *TRAIN)
+    assert [c[c.index("--node_rank") + 1] for c in cmds] == ["0", "1"]
+    assert all("--no_ssh" in c and c[c.index("--master_addr") + 1] == "10.0.0.1" for c in cmds)
+
+
+def test_include_limits_slots(capsys, hostfile):
+    (cmd,) = dry(capsys, "--hostfile", hostfile, "--nproc-per-node", "1", *TRAIN)
+    assert cmd[cmd.index("--include") + 1] == "node-a:0@node-b:0"
+
+
+def test_torchrun_per_node(capsys, hostfile):
+    cmds = dry(capsys, "--hostfile", hostfile, "--starter", "torchrun", *TRAIN)
+    for rank, c in enumerate(cmds):
+        assert c[:3] == [sys.executable, "-m", "torch.distributed.run"]
+        assert c[c.index("--nnodes") + 1] == "2" and c[c.index("--node_rank") + 1] == str(rank)
+        assert c[c.index("--nproc_per_node") + 1] == "2"
+        assert c[c.index("-m", 3) :] == [
+            "-m",
+            "alps_ds",
+            "train",
+            "--config",
+            "configs/tiny.yaml",
+            "--set",
+            "output.dir=/tmp/x y",
+        ]
+
+
+def test_mpirun_with_hosts(capsys, hostfile):
+    (cmd,) = dry(capsys, "--hostfile", hostfile, "--mpi", "--mpi-flavor", "mpich", *TRAIN)
+    assert cmd[:3] == [str(BIN / "mpirun"), "-np", "4"]
+    assert cmd[cmd.index("-hosts") + 1] == "node-a:2,node-b:2"
+    assert cmd[cmd.index(sys.executable) :][:3] == [sys.executable, "-m", "alps_ds.launcher.discover"]
+    (ompi,) = dry(capsys, "--hostfile", hostfile, "--mpi", "--mpi-flavor", "openmpi", *TRAIN)
+    assert ompi[ompi.index("--host") + 1] == "node-a:2,node-b:2" and "MASTER_PORT=29500" in ompi
+
+
+def test_slurm_reads_job_and_writes_hostfile(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(BIN))  # no scontrol here: the built-in parser expands the list
+    for key, value in {
+        "SLURM_JOB_NODELIST": "gpu[01-02]",
+        "SLURM_NNODES": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_GPUS_PER_NODE": "h100:4",
+        "SLURM_JOB_ID": "42",
+    }.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "hf.slurm"
+    cmds = dry(capsys, "--slurm", "--hostfile-out", str(out), *TRAIN)
+    assert [c[c.index("--node_rank") + 1] for c in cmds] == ["0", "1"]
+    assert cmds[0][cmds[0].index("--master_addr") + 1] == "gpu01"
+    assert not out.exists()  # a dry run writes nothing
+    # A real (non-dry) launch writes the hostfile before anything else; stop it at pre-flight.
+    assert main(["launch", "--slurm", "--hostfile-out", str(out), "--tp", "3", *TRAIN]) == 1
+    assert out.read_text().splitlines()[1:] == ["gpu01 slots=4", "gpu02 slots=4"]
+
+
+def test_per_node_commands_need_a_node_rank(hostfile):
+    with pytest.raises(AlpsError, match="--node-rank"):
+        from alps_ds.cli import build_parser
+        from alps_ds.commands.launch import _mine, plan_commands
+
+        args = build_parser().parse_args(["launch", "--hostfile", hostfile, "--no-ssh", *TRAIN])
+        cmds = plan_commands(args)[0]
+        _mine(cmds, None)
+
+
+def test_bad_hostfile_is_one_clean_line(tmp_path, capsys):
+    bad = tmp_path / "hf"
+    bad.write_text("node1 slots=2\nnode2 gpus=2\n")
+    assert main(["launch", "--hostfile", str(bad), "--dry-run", *TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}:2:" in err and "HOST slots=N" in err
+
+
+# ---- rank discovery ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("env", "expect"),
+    [
+        (
+            {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+            ("openmpi", 5, 8, 1),
+        ),
+        ({"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1"}, ("pmi", 3, 4, 1)),
+        ({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}, ("slurm", 9, 16, 1)),
+    ],
+)
+def test_discovery_from_environment(env, expect):
+    info = discover({**env, "MASTER_ADDR": "10.1.1.1", "MASTER_PORT": "1234"}, use_mpi=False)
+    assert (info.source, info.rank, info.world_size, info.local_rank) == expect
+    out: dict[str, str] = {}
+    export_env(info, out)
+    assert out == {
+        "RANK": str(expect[1]),
+        "WORLD_SIZE": str(expect[2]),
+        "LOCAL_RANK": str(expect[3]),
+        "MASTER_ADDR": "10.1.1.1",
+        "MASTER_PORT": "1234",
+    }
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({}, "no rank found"),
+        ({"PMI_RANK": "x", "PMI_SIZE": "2"}, "not an integer"),
+        ({"PMI_RANK": "2", "PMI_SIZE": "2", "MPI_LOCALRANKID": "0", "MASTER_ADDR": "h"}, "outside world size"),
+        ({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "0"}, "MASTER_ADDR is unset"),
+    ],
+)
+def test_discovery_errors(env, words):
+    with pytest.raises(AlpsError, match=words):
+        discover(env, use_mpi=False)
+
+
+def test_discovery_under_real_mpirun():
+    """mpich's mpirun starts two processes; mpi4py confirms PMI_* and finds local ranks and rank 0's address."""
+    proc = subprocess.run(
+        [str(BIN / "mpirun"), "-np", "2", sys.executable, "-m", "alps_ds.launcher.discover", "--print"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=rank_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    infos = sorted(
+        (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), key=lambda i: i["rank"]
+    )
+    assert [i["rank"] for i in infos] == [0, 1] and {i["world_size"] for i in infos} == {2}
+    assert sorted(i["local_rank"] for i in infos) == [0, 1]
+    assert infos[0]["source"].endswith("+mpi4py") and infos[0]["master_addr"] == infos[1]["master_addr"]
+
+
+# ---- pre-flight ----------------------------------------------------------------------------------------
+@pytest.fixture
+def model_dir(tmp_path):
+    cfg = tiny_config("llama", layers=2, hidden=64, heads=4, kv_heads=2)
+    cfg.save_pretrained(tmp_path / "m")
+    spec = AttentionSpec.from_config(cfg)
+    HeadSelection(spec.fingerprint, ((0, 0), (0, 1), (1, 0)), Provenance("explicit")).save(tmp_path / "heads.json")
+    other = AttentionSpec.from_config(tiny_config("llama", layers=3, hidden=64, heads=4, kv_heads=2))
+    HeadSelection(other.fingerprint, ((2, 0),), Provenance("explicit")).save(tmp_path / "other.json")
+    return tmp_path
+
+
+def statuses(findings):
+    return {f.check: f.status for f in findings}
+
+
+def test_preflight_all_ok(model_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    inp = CheckInputs(
+        world_size=4,
+        tp=2,
+        model=str(model_dir / "m"),
+        heads=str(model_dir / "heads.json"),
+        gpu_mem_gib=1,
+        seq_len=64,
+        output_dir=str(model_dir / "new" / "out"),
+        master_addr="127.0.0.1",
+        master_port=port,
+    )
+    got = statuses(run_checks(inp))
+    assert got == {
+        "world size": "ok",
+        "selection": "ok",
+        "tensor parallel": "ok",
+        "balance": got["balance"],
+        "memory": "ok",
+        "output dir": "ok",
+        "master port": "ok",
+    }
+    assert got["balance"] in ("ok", "warn")
+
+
+def test_preflight_failures_each_named(model_dir):
+    out_file = model_dir / "a_file"
+    out_file.write_text("x")
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        inp = CheckInputs(
+            world_size=6,
+            tp=4,
+            model=str(model_dir / "m"),
+            heads=str(model_dir / "other.json"),
+            gpu_mem_gib=1e-6,
+            seq_len=64,
+            output_dir=str(out_file / "sub"),
+            master_addr="127.0.0.1",
+            master_port=busy.getsockname()[1],
+        )
+        findings = run_checks(inp)
+    got = statuses(findings)
+    assert got["world size"] == "fail" and got["selection"] == "fail" and got["tensor parallel"] == "fail"
+    assert got["output dir"] == "fail" and got["master port"] == "fail"
+    text = "\n".join(f.line() for f in findings)
+    assert "not divisible by tp x pp" in text and "made for another model" in text and "in use" in text
+
+
+def test_preflight_memory_and_imbalance(model_dir):
+    inp = CheckInputs(
+        world_size=2,
+        tp=2,
+        model=str(model_dir / "m"),
+        heads=str(model_dir / "heads.json"),
+        gpu_mem_gib=1e-6,
+        seq_len=64,
+        max_imbalance=1.0,
+    )
+    got = {f.check: f for f in run_checks(inp)}
+    assert got["memory"].status == "fail" and "does not fit" in got["memory"].detail
+    # heads (0,0),(0,1),(1,0) all read kv group 0: TP rank 0 trains everything.
+    assert got["balance"].status == "fail" and "max/mean 2.00" in got["balance"].detail
+
+
+def test_launch_stops_before_launching_on_failed_check(hostfile, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    script = tmp_path / "touch.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    code = main(
+        ["launch", "--hostfile", hostfile, "--tp", "3", "--node-rank", "0", "--no-ssh", "--script", str(script)]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "FAIL world size" in err and "nothing was launched" in err
+    assert not marker.exists()

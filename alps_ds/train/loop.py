@@ -169,8 +169,13 @@ def resolve_selection(cfg: RunConfig, spec, model_dir: Path, out: Path, rank: in
     elif sel_cfg.method == "top-k":
         selection = None
         if rank == 0:
-            selection = localize_selection(cfg, model_dir, spec, count_for_ratio, top_k)
+            try:
+                selection = localize_selection(cfg, model_dir, spec, count_for_ratio, top_k)
+            except AlpsError as e:  # hand the error to every rank instead of leaving them waiting
+                selection = e
         selection = broadcast(selection)
+        if isinstance(selection, AlpsError):
+            raise AlpsError(str(selection))
     else:
         heads = choose(
             sel_cfg.method,
@@ -486,16 +491,17 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
     quiet_logs(rank)
     out = Path(cfg.output.dir)
     ckpt_dir = out / "checkpoints"
+    latest = read_latest(ckpt_dir)
+    if not resume and latest is not None:
+        raise AlpsError(f"output.dir: {out} already holds checkpoints; pass --resume or choose another output.dir")
+    if resume and latest is None and rank == 0:
+        print(f"alps-ds train: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
-    latest = read_latest(ckpt_dir) if resume else None
-    if resume and latest is None and rank == 0:
-        print(f"alps-ds train: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
-    if not resume and rank == 0 and read_latest(ckpt_dir) is not None:
-        raise AlpsError(f"output.dir: {out} already holds checkpoints; pass --resume or choose another output.dir")
 
     import deepspeed
+    import torch.distributed as dist
 
     from alps_ds.arch import AttentionSpec
     from alps_ds.sparse import apply, trainable_report
@@ -565,7 +571,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
         print(
             f"alps-ds train: {world} rank(s), ZeRO-{stage}, {str(dtype).removeprefix('torch.')}, "
             f"{len(selection)} heads, {report.trainable:,} trainable of {report.total:,} elements, "
-            f"{len(examples)} examples, {total_steps} steps (grad accum {grad_accum})",
+            f"{stats.examples} examples from {stats.rows} rows ({stats.dropped} dropped, {stats.truncated} truncated), "
+            f"{total_steps} steps (grad accum {grad_accum})",
             flush=True,
         )
         if cfg.logging.tensorboard:
@@ -597,8 +604,6 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
             loss_sum += float(loss.detach().float())
         done = step + 1
         totals = torch.tensor([loss_sum / grad_accum, float(tokens)], dtype=torch.float64)
-        import torch.distributed as dist
-
         dist.all_reduce(totals)
         last_loss = float(totals[0]) / world
         first_loss = last_loss if first_loss is None else first_loss
@@ -620,8 +625,6 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
         every = cfg.output.checkpoint_every
         if every and done % every == 0 and done < stop_at:
             save_checkpoint(engine, ckpt_dir, done, rank, cfg.output.keep_checkpoints)
-    else:  # pragma: no cover - plan.iterate never ends
-        pass
     final_step = min(step, stop_at)
     bar.close()
     if final_step > start_step or latest is None:
@@ -629,8 +632,6 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
 
     finished = final_step >= total_steps
     opt_bytes = optimizer_bytes(engine)
-    import torch.distributed as dist
-
     per_rank: list[Any] = [None] * world
     dist.all_gather_object(per_rank, opt_bytes)
     merged_dir = adapter_dir = None
@@ -728,14 +729,8 @@ def export(cfg: RunConfig, engine, selection, model_dir: Path, out: Path, rank: 
     return merged_dir, adapter_dir
 
 
-def save_adapter_dir(engine, selection, target: Path, rank: int) -> Path | None:
-    """The head adapter via alps_ds.adapter (None, with a note, when that module is not installed)."""
-    try:
-        from alps_ds.adapter import save_adapter
-    except ImportError:
-        if rank == 0:
-            print("alps-ds train: alps_ds.adapter is not available; OUT/adapter not written", flush=True)
-        return None
-    if rank == 0:
-        save_adapter(engine.module, target, selection)
-    return target
+def save_adapter_dir(engine, selection, target: Path, rank: int) -> Path:
+    """The head adapter (alps_ds.adapter format); collective: every rank takes part, rank 0 writes."""
+    from alps_ds.adapter import save_adapter
+
+    return save_adapter(engine.module, target, selection)

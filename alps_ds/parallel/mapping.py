@@ -30,7 +30,6 @@ stages, and DeepSpeed ``PipelineModule.parts`` boundaries read at run time.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -406,15 +405,22 @@ class Rebalanced:
         return self.score_before - self.score_after
 
 
+def _owners(tensor: TensorParallel, pipeline: PipelineSplit) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    L, n = tensor.spec.num_layers, tensor.spec.num_heads
+    return {(layer, h): head_owners(tensor, pipeline, layer, h) for layer in range(L) for h in range(n)}
+
+
 def balanced_cap(num_heads: int, tensor: TensorParallel, pipeline: PipelineSplit) -> int:
-    """The smallest per-rank head cap that can hold ``num_heads``: ceil(K / ranks holding query rows)."""
-    ranks = {
-        o
-        for layer in range(tensor.spec.num_layers)
-        for h in range(tensor.spec.num_heads)
-        for o in head_owners(tensor, pipeline, layer, h)
-    }
-    return max(1, math.ceil(num_heads / len(ranks)))
+    """The smallest per-rank head cap c with sum over ranks of min(c, heads the rank holds) >= K
+    (ranks can hold different numbers of heads: AutoTP's uneven split, uneven pipeline stages)."""
+    capacity: dict[tuple[int, int], int] = {}
+    for owners in _owners(tensor, pipeline).values():
+        for o in owners:
+            capacity[o] = capacity.get(o, 0) + 1
+    cap = 1
+    while sum(min(cap, c) for c in capacity.values()) < num_heads:
+        cap += 1
+    return cap
 
 
 def rebalance(
@@ -428,30 +434,39 @@ def rebalance(
 
     Greedy by score (ties by (layer, head)); a head counts on every rank holding one of its
     query rows. With one owner per head (every layout except a megatron head straddling two
-    ranks) the constraint is a partition matroid, so greedy is optimal.
+    ranks) the constraint is a partition matroid, so greedy is optimal. Without ``cap`` the
+    smallest cap that fits is used (raised further if straddling heads need it).
     """
     heads = sorted(set(heads))
     L, n = tensor.spec.num_layers, tensor.spec.num_heads
     if len(scores) != L or any(len(r) != n for r in scores):
         raise AlpsError(f"scores must be a {L} x {n} matrix (layers x heads)")
-    cap = balanced_cap(len(heads), tensor, pipeline) if cap is None else cap
-    if cap < 1:
+    if cap is not None and cap < 1:
         raise AlpsError(f"--rebalance cap {cap} must be >= 1")
-    order = sorted(((layer, h) for layer in range(L) for h in range(n)), key=lambda x: (-scores[x[0]][x[1]], x))
-    used: dict[tuple[int, int], int] = {}
-    chosen: list[tuple[int, int]] = []
-    for layer, h in order:
-        if len(chosen) == len(heads):
-            break
-        owners = head_owners(tensor, pipeline, layer, h)
-        if all(used.get(o, 0) < cap for o in owners):
-            chosen.append((layer, h))
-            for o in owners:
-                used[o] = used.get(o, 0) + 1
+    owners = _owners(tensor, pipeline)
+    order = sorted(owners, key=lambda x: (-scores[x[0]][x[1]], x))
+
+    def greedy(c: int) -> list[tuple[int, int]]:
+        used: dict[tuple[int, int], int] = {}
+        chosen: list[tuple[int, int]] = []
+        for head in order:
+            if len(chosen) == len(heads):
+                break
+            if all(used.get(o, 0) < c for o in owners[head]):
+                chosen.append(head)
+                for o in owners[head]:
+                    used[o] = used.get(o, 0) + 1
+        return chosen
+
+    c = cap if cap is not None else balanced_cap(len(heads), tensor, pipeline)
+    chosen = greedy(c)
+    while cap is None and len(chosen) < len(heads):
+        c += 1
+        chosen = greedy(c)
     if len(chosen) < len(heads):
         raise AlpsError(
             f"--rebalance cap {cap} fits only {len(chosen)} of {len(heads)} heads on this TP/PP grid; raise the cap"
         )
     before = sum(scores[layer][h] for layer, h in heads)
     after = sum(scores[layer][h] for layer, h in chosen)
-    return Rebalanced(tuple(sorted(chosen)), cap, before, after)
+    return Rebalanced(tuple(sorted(chosen)), c, before, after)

@@ -4,9 +4,6 @@ non-activation bytes against what a real 2-rank DeepSpeed engine holds (ZeRO 2 a
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-
 import pytest
 import torch
 from dist import REPO, run_ranks
@@ -14,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from alps_ds.arch import AttentionSpec
 from alps_ds.choose import random_heads
+from alps_ds.cli import main
 from alps_ds.errors import AlpsError
 from alps_ds.plan import Parallel, count_parameters, make_plan, module_elements, worst_case_heads
 from alps_ds.selection import HeadSelection, Provenance
@@ -168,17 +166,16 @@ def test_planner_matches_engine_bytes_within_5_percent(engine_bytes, stage):
         assert alps.non_activation == pytest.approx(sum(rank[t] for t in TERMS), rel=0.05)
 
 
-def test_plan_cli_verdicts(engine_bytes, tmp_path):
+def test_plan_cli_verdicts(engine_bytes, tmp_path, capsys):
     cfg, _, _ = engine_bytes
     cfg.save_pretrained(tmp_path)
-    base = [sys.executable, "-m", "alps_ds", "plan", "--model", str(tmp_path), "--seq-len", "64", "--json"]
-    fits = subprocess.run([*base, "--gpu-mem", "1"], capture_output=True, text=True, cwd=REPO)
-    assert fits.returncode == 0, fits.stderr
-    out = json.loads(fits.stdout)
+    base = ["plan", "--model", str(tmp_path), "--seq-len", "64"]
+    assert main([*base, "--gpu-mem", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in out["rows"]][:2] == ["alps", "full fine-tuning"] and out["rows"][0]["fits"]
-    tight = subprocess.run([*base, "--gpu-mem", "0.0001"], capture_output=True, text=True, cwd=REPO)
-    assert tight.returncode == 1 and not json.loads(tight.stdout)["rows"][0]["fits"]
-    bad = subprocess.run(
-        [*base[:-1], "--nodes", "1", "--gpus-per-node", "3", "--tp", "2"], capture_output=True, text=True, cwd=REPO
-    )
-    assert bad.returncode == 2 and "not divisible" in bad.stderr and "Traceback" not in bad.stderr
+    assert main([*base, "--gpu-mem", "0.0001"]) == 1  # does not fit: exit 1, the table says why
+    text = capsys.readouterr().out
+    assert "alps: does not fit" in text and "largest term" in text
+    assert main([*base, "--nodes", "1", "--gpus-per-node", "3", "--tp", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not divisible" in err

@@ -4,6 +4,7 @@ non-activation bytes against what a real 2-rank DeepSpeed engine holds (ZeRO 2 a
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 from dist import REPO, run_ranks

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from alps_ds import __version__
-    from alps_ds.choose import choose, count_for_ratio, parse_heads
+    from alps_ds.choose import choose, parse_heads
     from alps_ds.errors import AlpsError
     from alps_ds.fsutil import atomic_write_bytes, atomic_write_text
     from alps_ds.heatmap import Panel, render_heatmap
@@ -116,8 +116,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         heads = choose(method, num_layers=L, num_heads=n, ratio=args.ratio, seed=args.seed, scores=scores)
     uses_ratio = method in ("top-k", "random", "layer-consistent")
-    if uses_ratio:
-        count_for_ratio(args.ratio, L, n)
     provenance = Provenance(
         select=method,
         metric=args.metric,

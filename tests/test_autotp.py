@@ -76,3 +76,21 @@ def test_each_rank_trains_only_its_local_share(results):
     assert ranks[0]["trainable"] == 3 * 8 * 48 and ranks[1]["trainable"] == 4 * 8 * 48
     # deepspeed.initialize kept the hooked modules (AutoTP did not re-shard them away)
     assert all(sorted(r["still_hooked"]) == sorted(r["hooked"]) for r in ranks.values())
+
+
+def test_rank_without_selected_rows_is_refused_before_sharding():
+    """With 1 kv head and autotp_size 2, rank 1 holds no attention rows: DeepSpeed ZeRO would stop
+    it with 'zero stage 2 requires an optimizer' while rank 0 waits; every rank gets this instead."""
+    from alps_ds.arch import AttentionSpec
+    from alps_ds.errors import AlpsError
+    from alps_ds.parallel import autotp
+    from alps_ds.selection import HeadSelection, Provenance
+    from alps_ds.tiny import build_model, tiny_config
+
+    config = tiny_config("llama", layers=2, hidden=48, heads=4, kv_heads=1, head_dim=12, vocab=64, intermediate=64)
+    model = build_model(config)
+    spec = AttentionSpec.from_config(config)
+    selection = HeadSelection(spec.fingerprint, ((0, 2), (1, 0)), Provenance("explicit"))
+    with pytest.raises(AlpsError, match=r"tp rank\(s\) \[1\] of 2 hold none of the selected rows"):
+        autotp.apply(model, selection, tp_size=2)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # nothing was sharded

@@ -105,16 +105,27 @@ def apply(
     Freezes every parameter; the only trainable ones are the slices (one per hooked shard,
     marked ``tensor_model_parallel``). Returns ``(module name, hooked module)`` for this rank.
     """
-    from deepspeed.utils import groups
-
     spec = spec or AttentionSpec.from_config(model.config, source="model.config")
     selection.check_model(spec)
+    result = plan(spec, selection.heads, tp=tp_size, layout="autotp", kv=kv)
+    # Checked on every rank alike (the plan is deterministic), so all ranks fail together
+    # instead of one hanging in a collective: DeepSpeed ZeRO stops a rank with nothing to train
+    # with "AssertionError: zero stage 2 requires an optimizer".
+    empty = sorted(set(range(tp_size)) - {e.tp_rank for e in result.entries})
+    if empty:
+        raise AlpsError(
+            f"AutoTP: tp rank(s) {empty} of {tp_size} hold none of the selected rows ({spec.num_kv_heads} kv heads, "
+            f"cut on kv-group boundaries) and DeepSpeed ZeRO needs something to train on every rank; "
+            "use an autotp_size that gives every rank selected heads, or rebalance the selection "
+            f"(alps-ds layout --layout autotp --tp {tp_size} --rebalance)"
+        )
+    from deepspeed.utils import groups
+
     shard(model, tp_size, spec)
     group = groups.get_tensor_model_parallel_group()
     rank = groups.get_tensor_model_parallel_rank()
     for p in model.parameters():
         p.requires_grad_(False)
-    result = plan(spec, selection.heads, tp=tp_size, layout="autotp", kv=kv)
     tensor: TensorParallel = result.tensor
     hooked = []
     for e in result.entries:

@@ -1,8 +1,8 @@
 """Train a tiny HF Llama under DeepSpeed AutoTP (autotp_size 2) with the ALPS hook, then gather q/k/v.
 
 Usage (every rank): ``autotp_train.py OUT.json``. The model has 6 query heads and 3 kv heads, so
-AutoTP splits q/k/v unevenly (2 kv groups on rank 0, 1 on rank 1). For each ZeRO stage in
-STAGES: build the model, record full q/k/v and the unsharded logits, shard + hook, check the
+AutoTP splits q/k/v unevenly (2 kv groups on rank 0, 1 on rank 1). For each case in CASES
+(ZeRO 1 and 2): build the model, record full q/k/v and the unsharded logits, shard + hook, check the
 sharded logits, train a few AdamW steps (weight decay 0.1) on one fixed batch, gather q/k/v
 back. Rank 0 writes everything tests/test_autotp.py asserts on.
 """
@@ -18,11 +18,14 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-HEADS = [(0, 1), (1, 4), (1, 5)]
-STAGES = (1, 2)
+# name: (ZeRO stage, query heads, kv heads, selected (layer, head))
+CASES = {
+    "zero1": (1, 6, 3, [(0, 1), (1, 4), (1, 5)]),
+    "zero2": (2, 6, 3, [(0, 1), (1, 4), (1, 5)]),
+}
 
 
-def run_stage(stage: int) -> dict:
+def run_case(stage: int, n: int, g: int, heads: list) -> dict:
     import deepspeed
     import torch.distributed as dist
 
@@ -31,7 +34,7 @@ def run_stage(stage: int) -> dict:
     from alps_ds.selection import HeadSelection, Provenance
     from alps_ds.tiny import build_model, tiny_config
 
-    config = tiny_config("llama", layers=2, hidden=48, heads=6, kv_heads=3, head_dim=8, vocab=64, intermediate=64)
+    config = tiny_config("llama", layers=2, hidden=48, heads=n, kv_heads=g, head_dim=48 // n, vocab=64, intermediate=64)
     model = build_model(config, seed=0)
     spec = AttentionSpec.from_config(config)
     before = {
@@ -41,7 +44,7 @@ def run_stage(stage: int) -> dict:
     with torch.no_grad():
         ref_logits = model(input_ids=ids).logits
 
-    selection = HeadSelection(spec.fingerprint, tuple(HEADS), Provenance("explicit"))
+    selection = HeadSelection(spec.fingerprint, tuple(heads), Provenance("explicit"))
     hooked = autotp.apply(model, selection, tp_size=2)
     with torch.no_grad():
         tp_logits = model(input_ids=ids).logits
@@ -75,7 +78,7 @@ def run_stage(stage: int) -> dict:
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, info)
     return {
-        "heads": HEADS,
+        "heads": heads,
         "n": spec.num_heads,
         "g": spec.num_kv_heads,
         "hd": spec.head_dim,
@@ -119,7 +122,7 @@ def main() -> None:
     import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend="gloo")
-    results = {f"zero{stage}": run_stage(stage) for stage in STAGES}
+    results = {name: run_case(*case) for name, case in CASES.items()}
     if dist.get_rank() == 0:
         with open(sys.argv[1] + ".tmp", "w") as f:
             json.dump(results, f)

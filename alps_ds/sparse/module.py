@@ -14,6 +14,7 @@ extra slice matmul never materialises a full-size weight gradient, so backward i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -36,8 +37,6 @@ def gathered(params: Sequence[torch.Tensor], *, modify: bool = False):
 
     With ``modify`` rank 0's edits are broadcast to every rank and re-partitioned on exit.
     """
-    import contextlib
-
     params = [p for p in params if p is not None and _is_partitioned(p)]
     if not params:
         return contextlib.nullcontext()

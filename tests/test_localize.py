@@ -303,7 +303,10 @@ def test_cli_errors_are_one_line_and_leave_outputs_untouched(pairs, tmp_path, ca
         "select": (ok + ["--select", "best"], "--select"),
         "heads-range": (ok + ["--heads", "9:0"], "outside the model"),
         "dtype": (ok + ["--dtype", "int8"], "--dtype"),
+        "device": (ok + ["--device", "tpu"], "--device"),
     }
+    if not torch.cuda.is_available():
+        flag_cases["no-cuda"] = (ok + ["--device", "cuda"], "CUDA is not available")
     for name, (b, t, words) in _broken_checkpoints(pairs, tmp_path).items():
         flag_cases[name] = (["--base", b, "--task", t, "--out", out], words)
     for name, (argv, words) in flag_cases.items():

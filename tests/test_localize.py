@@ -271,6 +271,18 @@ def _broken_checkpoints(pairs, root: Path) -> dict[str, tuple[Path, Path, str]]:
     cases["nan"] = (base, variant("nan", lambda t: t[q1].view(-1).__setitem__(5, float("nan"))), "NaN")
     cases["missing"] = (base, variant("missing", lambda t: t.pop(q1)), "missing")
     cases["shape"] = (base, variant("shape", lambda t: t.__setitem__(q1, t[q1][:-12].clone())), "shape")
+    split = root / "missing-shard"  # two shards with an index; the second one is gone
+    split.mkdir()
+    shutil.copy(task / "config.json", split)
+    tensors, weight_map = load_file(task / "model.safetensors"), {}
+    names = sorted(tensors)
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        shard = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, split / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (split / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (split / "model-00002-of-00002.safetensors").unlink()
+    cases["missing-shard"] = (base, split, "shard file is missing")
     cases["int8"] = (base, variant("int8", lambda t: t.__setitem__(q1, t[q1].to(torch.int8))), "dtype I8")
     trunc = root / "trunc"
     shutil.copytree(task, trunc)

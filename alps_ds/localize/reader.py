@@ -63,7 +63,7 @@ def resolve_model_dir(name: str) -> Path:
         if (local / INDEX_FILE).is_file():
             spec = AttentionSpec.from_pretrained(local)
             index = _read_index(local / INDEX_FILE)
-            wanted = {name for layer in range(spec.num_layers) for name in spec.tensor_names(layer)}
+            wanted = {f"{spec.module_path(layer, m)}.weight" for layer in range(spec.num_layers) for m in spec.modules}
             shards = sorted({index[t] for t in wanted if t in index})
             local = Path(snapshot_download(name, allow_patterns=["config.json", INDEX_FILE, *shards]))
         else:

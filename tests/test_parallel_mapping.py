@@ -16,7 +16,7 @@ from alps_ds.arch import AttentionSpec
 from alps_ds.choose import top_k
 from alps_ds.cli import main
 from alps_ds.errors import AlpsError
-from alps_ds.parallel.mapping import PipelineSplit, TensorParallel, plan, rebalance
+from alps_ds.parallel.mapping import PipelineSplit, TensorParallel, local_rows, plan, rebalance
 from alps_ds.selection import HeadSelection, Provenance
 
 
@@ -137,6 +137,8 @@ def test_sharded_marks_gather_to_exactly_the_selected_rows(geo, layers, kv, data
     spec = make_spec(layers, n, g, hd, "gpt_neox" if layout == "neox" else "llama")
     heads = data.draw(st.sets(st.tuples(st.integers(0, layers - 1), st.integers(0, n - 1))))
     p = plan(spec, heads, tp=T, layout=layout, kv=kv)
+    last = local_rows(spec, heads, layout=layout, tp=T, tp_rank=T - 1, kv=kv)  # one rank's view
+    assert last == {(e.layer, e.module): e.rows for e in p.entries if e.tp_rank == T - 1}
     want = expected_labels(heads, n, g, hd, kv)
     for layer in range(layers):
         marked: set[int] = set()

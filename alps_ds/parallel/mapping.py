@@ -274,10 +274,6 @@ class PipelineSplit:
     def place(self, layer: int) -> StagePlace:
         return self.places[layer]
 
-    def stage_layers(self, pp_rank: int) -> list[int]:
-        """Global layers on stage ``pp_rank`` (all its virtual stages), ascending."""
-        return [i for i, s in enumerate(self.places) if s.pp_rank == pp_rank]
-
 
 @dataclass(frozen=True)
 class RankRows:

@@ -5,12 +5,14 @@ t-th 1/T of the grouped [q of the group's heads; k_j; v_j] rows (see
 :mod:`alps_ds.parallel.mapping`, layout ``megatron``). :func:`apply` keeps the module and its
 frozen weight in place and adds one trainable parameter ``head_weight`` (and ``head_bias``)
 holding this rank's selected LOCAL rows. A forward pre-hook passes Megatron's own forward the
-composed weight ``W.index_copy(0, rows, head_weight)`` through its ``weight=`` argument, so
-every Megatron path (input copy/all-reduce, sequence parallel gather, async dgrad) is unchanged
-and state-dict keys stay ``linear_qkv.weight``. The optimizer only ever sees the slices, so
+composed weight ``W.index_copy(0, rows, head_weight)`` through its ``weight=`` argument (a
+forward hook swaps in the trained bias rows), so every Megatron path (input copy/all-reduce,
+sequence parallel gather, async dgrad) is unchanged and state-dict keys stay
+``linear_qkv.weight``. The optimizer only ever sees the slices, so
 weight decay and momentum cannot move any other row.
 
-Limits: the local ``ColumnParallelLinear`` (not Transformer Engine's ``TELayerNormColumnParallelLinear``);
+Limits: the local ``ColumnParallelLinear`` (not Transformer Engine's
+``TELayerNormColumnParallelLinear``);
 ``gradient_accumulation_fusion`` is turned off on the hooked modules (the composed weight has
 no ``main_grad``); call :func:`apply` before wrapping the model in Megatron's DDP/optimizer;
 Megatron's distributed-checkpoint ``sharded_state_dict`` does not describe ``head_weight``
@@ -70,11 +72,9 @@ def _pre_hook(module, args, kwargs):
 
 
 def _post_hook(module, args, kwargs, output):
-    # The frozen bias went in (or comes back with skip_bias_add); swap in the trained bias rows.
-    out, bias = output
+    # Megatron added the frozen bias; move the selected rows to the trained bias.
+    out, _ = output
     delta = module.head_bias - module.bias.index_select(0, module.alps_rows)
-    if bias is not None:  # skip_bias_add: Megatron returns the bias for the caller to add
-        return out, bias.index_copy(0, module.alps_rows, module.head_bias.to(bias.dtype))
     return out + torch.zeros_like(module.bias).index_copy(0, module.alps_rows, delta).to(out.dtype), None
 
 
@@ -82,7 +82,7 @@ def apply(
     model: nn.Module, spec: AttentionSpec, heads: Iterable[tuple[int, int]], kv: KVPolicy = "group"
 ) -> list[HookedQKV]:
     """Hook every ``linear_qkv`` of ``model`` (a GPTModel, TransformerBlock or any module tree
-    holding Megatron ``TransformerLayer``s) whose layer has selected rows on this TP rank.
+    holding Megatron ``TransformerLayer``s) whose layer has selected rows on any TP rank.
 
     The global layer is read from Megatron's own ``layer_number`` (1-based, pipeline offsets
     included), the TP rank and size from the module's ``tp_group``. Freezes nothing else:
@@ -100,6 +100,10 @@ def apply(
         if not isinstance(qkv, ColumnParallelLinear):
             raise AlpsError(
                 f"alps hook: linear_qkv is a {type(qkv).__name__}; use the local spec (ColumnParallelLinear) layers"
+            )
+        if qkv.skip_bias_add and qkv.bias is not None:
+            raise AlpsError(
+                "alps hook: linear_qkv with skip_bias_add is not supported (megatron-core builds it without)"
             )
         layer = layer_module.layer_number - 1
         tp, rank = qkv.tp_group.size(), qkv.tp_group.rank()

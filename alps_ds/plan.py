@@ -533,13 +533,7 @@ def load_config(model: str) -> dict[str, Any]:
             raise AlpsError(f"{path}: no 'model_type' key; point to a Hugging Face model's config.json")
         AttentionSpec.from_config(cfg, source=str(path))  # names the file in errors about the shape
         return _config_dict(cfg)
-    spec_error = None
-    try:
-        AttentionSpec.from_pretrained(model)
-    except AlpsError as e:
-        spec_error = e
-    if spec_error is not None:
-        raise spec_error
+    AttentionSpec.from_pretrained(model)  # a clear AlpsError for a missing folder or a failed hub lookup
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model).to_dict()

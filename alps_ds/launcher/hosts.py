@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +169,8 @@ def expand_nodelist(nodelist: str) -> list[str]:
         hosts += _expand_item(item, nodelist)
         if len(hosts) > MAX_HOSTS:
             raise AlpsError(f"node list {nodelist!r} expands to over {MAX_HOSTS} nodes; check the ranges")
-    dupes = sorted({h for h in hosts if hosts.count(h) > 1}) if len(hosts) < 5000 else []
-    if dupes or len(set(hosts)) != len(hosts):
+    dupes = sorted(h for h, count in Counter(hosts).items() if count > 1)
+    if dupes:
         raise AlpsError(f"node list {nodelist!r} names a node twice ({', '.join(dupes[:3])}); list each node once")
     return hosts
 

@@ -78,8 +78,8 @@ def test_choose_dispatch():
 def test_parse_heads():
     assert parse_heads("3:5, 0:1,") == [(0, 1), (3, 5)]
     assert parse_heads("1:2", 2, 3) == [(1, 2)]
-    for bad, msg in [("3-5", "not LAYER:HEAD"), ("a:1", "not LAYER:HEAD"), ("1:2:3", "not LAYER:HEAD"), ("-1:2", "not LAYER:HEAD")]:
-        with pytest.raises(AlpsError, match=msg):
+    for bad in ("3-5", "a:1", "1:2:3", "-1:2"):
+        with pytest.raises(AlpsError, match="not LAYER:HEAD"):
             parse_heads(bad)
     with pytest.raises(AlpsError, match="outside the model"):
         parse_heads("2:0", 2, 3)

@@ -70,6 +70,7 @@ class Adapter:
 
     @classmethod
     def read(cls, adapter_dir: str | os.PathLike) -> Adapter:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         root = Path(adapter_dir)
@@ -98,7 +99,10 @@ class Adapter:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise AlpsError(f"{meta_path}: 'modules' entry malformed ({type(e).__name__}: {e})") from e
-        tensors = load_file(str(tensor_path))
+        try:
+            tensors = load_file(str(tensor_path))
+        except (SafetensorError, OSError) as e:
+            raise AlpsError(f"{tensor_path}: unreadable safetensors file ({e}); save the adapter again") from e
         for m in modules:
             rows = sum(b - a for a, b in m.ranges)
             w = tensors.get(f"{m.module}.weight")

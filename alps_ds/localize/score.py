@@ -9,6 +9,7 @@ vector has up to millions of entries of size ~1/N, and W1 sums N cumulative diff
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,34 +67,63 @@ def _blocks(spec: AttentionSpec, weights: dict[str, torch.Tensor], kind: Kind, c
     return torch.stack([w[r.start : r.stop] for r in rows])
 
 
+Buffer = Callable[[tuple, torch.Size, torch.dtype], torch.Tensor]
+
+
+def _fresh(key: tuple, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 @dataclass
 class LayerHeads:
-    """One layer's Q [n, hd, d], K and V [g, hd, d] in the compute dtype, plus K_j V_j^T per kv head."""
+    """One layer's Q [n, hd, d] (as stored), K and V [g, hd, d] in the compute dtype, and K_j V_j^T.
+
+    Q is widened to the compute dtype one chunk of heads at a time: it is the bulk of a
+    layer (n/g times K), and a full widened copy would double the layer's footprint.
+    """
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     group_size: int
+    compute: torch.dtype
+    buffer: Buffer
     kv_products: torch.Tensor | None = None
 
     @classmethod
     def from_weights(
-        cls, spec: AttentionSpec, weights: dict[str, torch.Tensor], *, head_repr: str, compute: torch.dtype
+        cls,
+        spec: AttentionSpec,
+        weights: dict[str, torch.Tensor],
+        *,
+        head_repr: str,
+        compute: torch.dtype,
+        buffer: Buffer | None = None,
+        side: str = "",
     ) -> LayerHeads:
-        q = _blocks(spec, weights, "q", spec.num_heads).to(compute)
-        k = _blocks(spec, weights, "k", spec.num_kv_heads).to(compute)
-        v = _blocks(spec, weights, "v", spec.num_kv_heads).to(compute)
-        # K_j V_j^T is [hd, hd]: computing Q_h^T (K_j V_j^T) costs d*hd*hd per head instead of d*d*hd.
+        """``buffer(key, shape, dtype)`` supplies reusable memory (default: fresh tensors)."""
+        device = next(iter(weights.values())).device
+        buf = buffer or (lambda key, shape, dtype: _fresh(key, shape, dtype, device))
+
+        def widened(kind: Kind, count: int) -> torch.Tensor:
+            block = _blocks(spec, weights, kind, count)
+            return block if block.dtype == compute else buf((side, kind), block.shape, compute).copy_(block)
+
+        q = _blocks(spec, weights, "q", spec.num_heads)
+        k, v = widened("k", spec.num_kv_heads), widened("v", spec.num_kv_heads)
         kvp = None
         if head_repr == "product":
-            # one [hd, hd] product per query head (repeated over its group), so chunks slice it
+            # K_j V_j^T is [hd, hd]: Q_h^T (K_j V_j^T) costs d*hd*hd per head instead of d*d*hd.
+            # One product per query head (repeated over its group), so chunks slice it.
             kvp = torch.bmm(k, v.transpose(1, 2)).repeat_interleave(spec.group_size, dim=0)
-        return cls(q, k, v, spec.group_size, kvp)
+        return cls(q, k, v, spec.group_size, compute, buf, kvp)
 
     def vectors(self, heads: range, out: torch.Tensor) -> torch.Tensor:
         """Write the [len(heads), N] head vectors (row-major flattening, paper eq. 6) into ``out``."""
         c = len(heads)
         q = self.q[heads.start : heads.stop]
+        if q.dtype != self.compute:
+            q = self.buffer(("q-chunk", c), q.shape, self.compute).copy_(q)
         if self.kv_products is not None:
             # W_o^h = Q_h^T (K_j V_j^T): [d, hd]
             kvp = self.kv_products[heads.start : heads.stop]
@@ -209,17 +239,19 @@ class LayerScorer:
         return b
 
     def _prepare(self, weights: dict[str, torch.Tensor], side: str) -> LayerHeads:
-        """Move to the device, round to --dtype, widen to the compute dtype, all into reused buffers.
+        """Move to the device and round to --dtype (into reused buffers, only when needed).
 
         A float16 cast can overflow to inf; that surfaces as a non-finite score (checked in score()).
         """
         ready = {}
         for module, w in weights.items():
-            for step, dtype in (("device", w.dtype), ("dtype", self.dtype), ("compute", self.compute)):
+            for step, dtype in (("device", w.dtype), ("dtype", self.dtype)):
                 if w.device != self.device or w.dtype != dtype:
                     w = self._buffer((side, module, step), w.shape, dtype).copy_(w)
             ready[module] = w
-        return LayerHeads.from_weights(self.spec, ready, head_repr=self.head_repr, compute=self.compute)
+        return LayerHeads.from_weights(
+            self.spec, ready, head_repr=self.head_repr, compute=self.compute, buffer=self._buffer, side=side
+        )
 
     @torch.no_grad()
     def score(self, layer: int, base: dict[str, torch.Tensor], task: dict[str, torch.Tensor]) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -41,6 +42,34 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def help_markdown() -> str:
+    """Every command's ``--help`` as Markdown: the source of ``docs/cli.md`` (a test keeps them equal)."""
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal width; fix it for a stable file
+    try:
+        parser = build_parser()
+        parts = ["# Command-line reference", "", "Generated from `--help`; do not edit by hand.", ""]
+        parts += ["```", parser.format_help().rstrip(), "```", ""]
+        todo = [(f"alps-ds {name}", sub) for name, sub in _subcommands(parser).items()]
+        while todo:
+            title, sub = todo.pop(0)
+            parts += [f"## {title}", "", "```", sub.format_help().rstrip(), "```", ""]
+            todo[:0] = [(f"{title} {name}", nested) for name, nested in _subcommands(sub).items()]
+        return "\n".join(parts)
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
 
 
 def main(argv: list[str] | None = None) -> int:

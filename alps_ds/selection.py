@@ -122,7 +122,18 @@ class HeadSelection:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+        """Indented JSON, but one line per 16 heads and per score row, so 512 heads stay readable."""
+        items = []
+        for key, value in self.to_dict().items():
+            if key == "heads" and value:
+                lines = [", ".join(json.dumps(h) for h in value[i : i + 16]) for i in range(0, len(value), 16)]
+                body = "[\n  " + ",\n  ".join(lines) + "\n ]"
+            elif key == "scores" and value:
+                body = "[\n  " + ",\n  ".join(json.dumps(row, allow_nan=False) for row in value) + "\n ]"
+            else:
+                body = json.dumps(value, indent=1, allow_nan=False).replace("\n", "\n ")
+            items.append(f" {json.dumps(key)}: {body}")
+        return "{\n" + ",\n".join(items) + "\n}\n"
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` atomically (a crash leaves any previous file intact)."""

@@ -1,8 +1,9 @@
 """The ALPS hook inside real megatron-core (CPU/gloo): after AdamW steps with weight decay,
 the gathered ``linear_qkv`` differs from the start exactly in the selected heads' rows.
 
-One 4-rank launch runs TP=2 (2 query groups) and TP=4 with 1 query group (g < T: the fused
-weight is not replicated and heads straddle ranks); see tests/scripts/megatron_tp.py.
+One 4-rank launch runs TP=2 (2 query groups), TP=4 with 1 query group (g < T: the fused
+weight is not replicated and heads straddle ranks) and TP=2 x PP=2 (the hook finds each stage's
+global layers); see tests/scripts/megatron_tp.py.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["tp2_g2", "tp4_g1"])
+@pytest.mark.parametrize("case", ["tp2_g2", "tp4_g1", "tp2_pp2"])
 def test_only_selected_rows_change(results, case):
     c = results[case]
     n, g, hd = c["n"], c["g"], c["hd"]
@@ -55,4 +56,14 @@ def test_straddling_heads_and_loss(results):
     by_rank = {r["tp_rank"]: r["rows"] for r in c["ranks"]}
     assert [8, 12] in by_rank[0]["0"] and [0, 4] in by_rank[1]["0"]
     for case in results.values():
-        assert case["losses"][-1] < case["losses"][0]  # the slices really train
+        for losses in case["losses"].values():
+            assert losses[-1] < losses[0]  # the slices really train
+
+
+@pytest.mark.slow
+def test_pipeline_stages_hook_their_own_global_layers(results):
+    # layers 0, 1 on stage 0 and 2, 3 on stage 1; each (pp, tp) rank hooked only its stage's layers
+    for r in results["tp2_pp2"]["ranks"]:
+        assert {int(k) for k in r["rows"]} <= ({0, 1} if r["pp_rank"] == 0 else {2, 3})
+    hooked = {int(k) for r in results["tp2_pp2"]["ranks"] for k in r["rows"]}
+    assert hooked == {0, 2, 3}

@@ -18,10 +18,13 @@ import torch.distributed as dist
 
 warnings.filterwarnings("ignore")
 
-# name, tp, heads n, query groups g, head_dim, layers, selected (layer, head)
+# name, tp, pp, heads n, query groups g, head_dim, layers, selected (layer, head)
 CASES = [
-    ("tp2_g2", 2, 4, 2, 8, 2, [(0, 1), (1, 2), (1, 3)]),
-    ("tp4_g1", 4, 4, 1, 8, 2, [(0, 1), (1, 3)]),  # g < T: heads straddle ranks
+    ("tp2_g2", 2, 1, 4, 2, 8, 2, [(0, 1), (1, 2), (1, 3)]),
+    ("tp4_g1", 4, 1, 4, 1, 8, 2, [(0, 1), (1, 3)]),  # g < T: heads straddle ranks
+    # 2 pipeline stages of 2 layers: the hook reads global layers from Megatron's layer_number.
+    # Each stage trains on its own input (Megatron's pipeline schedule needs CUDA).
+    ("tp2_pp2", 2, 2, 4, 2, 8, 4, [(0, 1), (2, 2), (3, 0)]),
 ]
 
 
@@ -63,7 +66,7 @@ def gather_rows(t: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def run_case(name, tp, n, g, hd, layers, heads, rank):
+def run_case(name, tp, pp, n, g, hd, layers, heads, rank):
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlock
@@ -71,7 +74,7 @@ def run_case(name, tp, n, g, hd, layers, heads, rank):
 
     from alps_ds.parallel import megatron as hook
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     from megatron.core.tensor_parallel import random as mrandom
 
     mrandom.get_cuda_rng_tracker().reset()
@@ -87,6 +90,8 @@ def run_case(name, tp, n, g, hd, layers, heads, rank):
         add_qkv_bias=True,
         use_cpu_initialization=True,
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32,
         attention_dropout=0.0,
         hidden_dropout=0.0,
         params_dtype=torch.float32,
@@ -116,29 +121,40 @@ def run_case(name, tp, n, g, hd, layers, heads, rank):
         opt.step()
         losses.append(loss.item())
     after = [tuple(gather_rows(t, group) for t in hook.merged_weight(q)) for q in qkvs]
-    local = {h.layer: [list(r) for r in h.ranges] for h in hooked}
-    all_local = [None] * dist.get_world_size()
-    dist.all_gather_object(all_local, {"tp_rank": group.rank(), "rows": local, "numel": sum(p.numel() for p in params)})
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    mine = {
+        "pp_rank": pp_rank,
+        "tp_rank": group.rank(),
+        "rows": {h.layer: [list(r) for r in h.ranges] for h in hooked},
+        "losses": losses,
+        # full (TP-gathered) weights of this stage's layers, keyed by global layer
+        "layers": {
+            layer.layer_number - 1: {
+                "before_w": b[0].tolist(),
+                "before_b": b[1].tolist(),
+                "after_w": a[0].tolist(),
+                "after_b": a[1].tolist(),
+            }
+            for layer, b, a in zip(block.layers, before, after)
+        }
+        if group.rank() == 0
+        else {},
+    }
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
     parallel_state.destroy_model_parallel()
     if rank != 0:
         return None
+    layers_by_global = {k: v for r in everyone for k, v in r["layers"].items()}
     return {
         "tp": tp,
         "n": n,
         "g": g,
         "hd": hd,
         "heads": heads,
-        "losses": losses,
-        "ranks": all_local,
-        "layers": [
-            {
-                "before_w": b[0].tolist(),
-                "before_b": b[1].tolist(),
-                "after_w": a[0].tolist(),
-                "after_b": a[1].tolist(),
-            }
-            for b, a in zip(before, after)
-        ],
+        "losses": {r["pp_rank"]: r["losses"] for r in everyone},
+        "ranks": [{k: r[k] for k in ("pp_rank", "tp_rank", "rows")} for r in everyone],
+        "layers": [layers_by_global[i] for i in range(layers)],
     }
 
 
@@ -147,9 +163,9 @@ def main() -> None:
     cpu_shims()
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
-    for name, tp, n, g, hd, layers, heads in CASES:
-        if tp <= world:
-            results[name] = run_case(name, tp, n, g, hd, layers, heads, rank)
+    for name, tp, pp, n, g, hd, layers, heads in CASES:
+        if tp * pp <= world:
+            results[name] = run_case(name, tp, pp, n, g, hd, layers, heads, rank)
     if rank == 0:
         with open(sys.argv[1] + ".tmp", "w") as f:
             json.dump(results, f)

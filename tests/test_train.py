@@ -127,7 +127,7 @@ def test_adapter_merges_into_the_same_model(runs, tmp_path):
 def test_summary(runs):
     s = json.loads((runs["straight"] / "summary.json").read_text())
     log = log_of(runs["straight"])
-    assert s["steps"] == STEPS and s["world_size"] == 2 and s["zero_stage"] == 2
+    assert s["steps"] == STEPS and s["world_size"] == 2 and s["zero_stage"] == 2 and s["zero_init"] is False
     assert s["final_loss"] == pytest.approx(log[-1]["loss"])
     rows = sum(len(r) for r in changed_rows_expected(runs["straight"]).values())
     assert s["trainable_elements"] == rows * 64  # hidden size of the tiny llama
@@ -225,7 +225,7 @@ def test_kill_one_rank_then_resume_completes(killed):
     assert killed["rc"] != 0
     assert len(killed["killed_log"]) < 24
     s = json.loads((out / "summary.json").read_text())
-    assert s["steps"] == 24 and s["zero_stage"] == 3
+    assert s["steps"] == 24 and s["zero_stage"] == 3 and s["zero_init"] is True
     assert 4 <= s["resumed_from"] < 24
     assert [r["step"] for r in log_of(out)] == list(range(1, 25))
     assert_bit_exact(out)

@@ -457,6 +457,7 @@ class Summary:
     world_size: int
     grad_accum: int
     zero_stage: int
+    zero_init: bool  # the model was built partitioned (ZeRO-3), never whole on one rank
     dtype: str
     examples: int
     tokens_seen: int
@@ -528,6 +529,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     model = load_model(model_dir, ds_config, stage, dtype)
+    built_partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # zero.Init took effect
     model.config.use_cache = False
     apply(model, selection, kv=cfg.kv, train_others=tuple(cfg.train_others), spec=spec)
     if cfg.train.gradient_checkpointing:
@@ -655,6 +657,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
             world_size=world,
             grad_accum=grad_accum,
             zero_stage=stage,
+            zero_init=built_partitioned,
             dtype=str(dtype).removeprefix("torch."),
             examples=len(examples),
             tokens_seen=tokens_seen,

@@ -4,6 +4,7 @@ that stop a launch before anything starts."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -175,9 +176,8 @@ def test_discovery_under_real_mpirun():
         env=rank_env(),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    infos = sorted(
-        (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), key=lambda i: i["rank"]
-    )
+    # Two processes print at once through mpirun: their lines may run together, so pick out each object.
+    infos = sorted((json.loads(obj) for obj in re.findall(r"\{[^{}]*\}", proc.stdout)), key=lambda i: i["rank"])
     assert [i["rank"] for i in infos] == [0, 1] and {i["world_size"] for i in infos} == {2}
     assert sorted(i["local_rank"] for i in infos) == [0, 1]
     assert infos[0]["source"].endswith("+mpi4py") and infos[0]["master_addr"] == infos[1]["master_addr"]

@@ -253,7 +253,7 @@ def add_check_arguments(parser) -> None:
     g = parser.add_argument_group("pre-flight checks")
     g.add_argument("--model", metavar="CONFIG_OR_DIR", help="model folder or config.json (default: from the run YAML)")
     g.add_argument("--heads", metavar="HEADS_JSON", help="head selection (default: from the run YAML)")
-    g.add_argument("--ratio", type=float, default=0.1, help="head ratio for the memory plan without --heads")
+    g.add_argument("--ratio", type=float, help="head ratio for the memory plan without --heads (default: YAML, 0.1)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     g.add_argument("--tp-layout", choices=("hf", "fused", "neox", "megatron", "autotp"), help="how TP splits Q/K/V")
@@ -276,7 +276,7 @@ def inputs_from_args(
         pp=args.pp,
         model=args.model,
         heads=args.heads,
-        ratio=args.ratio,
+        ratio=args.ratio if args.ratio is not None else 0.1,
         layout=args.tp_layout,
         zero=args.zero if args.zero is not None else 2,
         offload=args.offload,
@@ -289,11 +289,11 @@ def inputs_from_args(
         max_imbalance=args.max_imbalance,
     )
     if run is not None:
-        _fill_from_run(inp, run, zero_given=args.zero is not None)
+        _fill_from_run(inp, run, zero_given=args.zero is not None, ratio_given=args.ratio is not None)
     return inp
 
 
-def _fill_from_run(inp: CheckInputs, run, *, zero_given: bool) -> None:
+def _fill_from_run(inp: CheckInputs, run, *, zero_given: bool, ratio_given: bool) -> None:
     """Take what the run YAML says (``alps_ds.train.config.RunConfig``) where no option overrides it."""
     import json
 
@@ -308,7 +308,8 @@ def _fill_from_run(inp: CheckInputs, run, *, zero_given: bool) -> None:
         inp.output_dir = run.output.dir
     inp.kv = run.kv
     inp.train_others = tuple(run.train_others)
-    inp.ratio = run.selection.ratio
+    if not ratio_given:
+        inp.ratio = run.selection.ratio
     ds = run.deepspeed
     if not zero_given and ds is not None:
         try:

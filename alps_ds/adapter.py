@@ -247,7 +247,7 @@ def merge_adapter_into_checkpoint(
     copied byte for byte; only shards holding adapted tensors are rewritten (same tensor names,
     shapes, dtypes, metadata), so the index stays valid. Written atomically.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -265,23 +265,29 @@ def merge_adapter_into_checkpoint(
             if key not in shard_of:
                 raise AlpsError(f"{base}: checkpoint has no tensor {key}; adapter made for another model layout")
             edits.setdefault(shard_of[key], {})[key] = (m.indices, adapter.tensors[key])
-    with atomic_dir(out) as tmp:
-        entries = sorted(base.iterdir())
-        for entry in tqdm(entries, desc="merge", unit="file", disable=not progress):
-            target = tmp / entry.name
-            if entry.name not in edits:
-                if entry.is_dir():
-                    shutil.copytree(entry, target)
-                else:
-                    shutil.copy2(entry, target)
-                continue
-            with safe_open(str(entry), "pt") as f:
-                metadata = f.metadata()
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-            for key, (idx, rows) in edits[entry.name].items():
-                t = tensors[key]
-                if t.shape[0] < int(idx.max()) + 1 or (t.dim() == 2 and t.shape[1] != rows.shape[1]):
-                    raise AlpsError(f"{entry}: tensor {key} {tuple(t.shape)} does not fit the adapter rows")
-                tensors[key] = t.index_copy(0, idx, rows.to(t.dtype))
-            save_file(tensors, str(target), metadata=metadata)
+    try:
+        with atomic_dir(out) as tmp:
+            entries = sorted(base.iterdir())
+            for entry in tqdm(entries, desc="merge", unit="file", disable=not progress):
+                target = tmp / entry.name
+                if entry.name not in edits:
+                    if entry.is_dir():
+                        shutil.copytree(entry, target)
+                    else:
+                        shutil.copy2(entry, target)
+                    continue
+                with safe_open(str(entry), "pt") as f:
+                    metadata = f.metadata()
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+                for key, (idx, rows) in edits[entry.name].items():
+                    t = tensors[key]
+                    if t.shape[0] < int(idx.max()) + 1 or (t.dim() == 2 and t.shape[1] != rows.shape[1]):
+                        raise AlpsError(f"{entry}: tensor {key} {tuple(t.shape)} does not fit the adapter rows")
+                    tensors[key] = t.index_copy(0, idx, rows.to(t.dtype))
+                save_file(tensors, str(target), metadata=metadata)
+    except (OSError, SafetensorError) as e:  # disk full, read-only, quota: the old --out is still in place
+        raise AlpsError(
+            f"{out}: cannot write the merged checkpoint ({e}); nothing there was changed: free space or pick a "
+            "writable --out"
+        ) from e
     return out

@@ -22,6 +22,14 @@ HEAD_REPRS = ("product", "qkv-concat")
 METRICS = ("w1", "w1-index", "kl", "js", "cosine", "euclidean")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 KL_EPS = 1e-8
+# (stored, --dtype) pairs where the cast changes no value, so no rounding copy is needed.
+_EXACT_CASTS = {(a, a) for a in DTYPES.values()} | {
+    (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.float64),
+    (torch.float16, torch.float32),
+    (torch.float16, torch.float64),
+    (torch.float32, torch.float64),
+}
 # Entries of one [heads, N] block (64 MiB in float64; three such buffers): bounds the scoring
 # working set independently of model size (a 70B head has N = 1M entries: 8 heads per chunk).
 DEFAULT_MAX_ELEMENTS = 1 << 23
@@ -245,9 +253,12 @@ class LayerScorer:
         """
         ready = {}
         for module, w in weights.items():
-            for step, dtype in (("device", w.dtype), ("dtype", self.dtype)):
-                if w.device != self.device or w.dtype != dtype:
-                    w = self._buffer((side, module, step), w.shape, dtype).copy_(w)
+            if w.device != self.device:
+                w = self._buffer((side, module, "device"), w.shape, w.dtype).copy_(w)
+            # Rounding is the identity when --dtype holds every value of the stored dtype (bf16 ->
+            # float32, ...): then no full-layer copy is made; Q is widened chunk by chunk later.
+            if (w.dtype, self.dtype) not in _EXACT_CASTS:
+                w = self._buffer((side, module, "dtype"), w.shape, self.dtype).copy_(w)
             ready[module] = w
         return LayerHeads.from_weights(
             self.spec, ready, head_repr=self.head_repr, compute=self.compute, buffer=self._buffer, side=side

@@ -101,6 +101,8 @@ def read_header(shard: Path) -> dict[str, TensorInfo]:
             if n > min(_MAX_HEADER, size - 8):
                 raise ValueError(f"header length {n} exceeds the file")
             header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
     except FileNotFoundError:
         raise AlpsError(f"{shard}: shard file is missing; download or copy the complete checkpoint") from None
     except (OSError, ValueError) as e:
@@ -113,9 +115,9 @@ def read_header(shard: Path) -> dict[str, TensorInfo]:
         try:
             begin, end = (base + int(x) for x in meta["data_offsets"])
             info = TensorInfo(shard, str(meta["dtype"]), tuple(int(s) for s in meta["shape"]), begin, end)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise AlpsError(f"{shard}: malformed header entry for {name!r}; re-save the checkpoint") from e
-        if end > size or end < begin:
+        if end > size or end < begin or begin < base:
             raise AlpsError(f"{shard}: tensor {name!r} runs past the end of the file (truncated?); re-download it")
         out[name] = info
     return out

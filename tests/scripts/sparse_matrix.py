@@ -51,6 +51,12 @@ CASES = [
     case("z1-fp32-ckpt-nonreentrant", 1, ckpt="non-reentrant", others=("mlp",)),
     case("z3-fp32-accum-ckpt-reentrant", 3, accum=2, ckpt="reentrant"),
     case("z2-fp16", 2, "fp16"),
+    # Added for pairwise coverage of stage x dtype x accum x ckpt x kv (proved by tests/test_bitexact_matrix.py).
+    case("z0-fp32-accum-ckpt-reentrant-kvnone", 0, accum=2, ckpt="reentrant", kv="none"),
+    case("z0-bf16-ckpt-nonreentrant", 0, "bf16", ckpt="non-reentrant", model="mistral"),
+    case("z1-bf16-accum-ckpt-reentrant", 1, "bf16", accum=2, ckpt="reentrant", model="gemma"),
+    case("z2-fp32-ckpt-nonreentrant-kvnone", 2, ckpt="non-reentrant", kv="none", model="gpt_neox"),
+    case("z3init-bf16-accum", 3, "bf16", zinit=True, accum=2, model="qwen3"),
 ]
 
 

@@ -183,9 +183,12 @@ def main() -> int:
     args = p.parse_args()
     if args._child:
         mode, *rest = args._child
-        {"raw": child_raw, "scoring": child_scoring, "reference": child_reference}[mode](
-            *rest[:2], *(int(x) for x in rest[2:])
-        )
+        if mode == "write":
+            write_pair(Path(rest[0]), int(rest[1]))
+        else:
+            {"raw": child_raw, "scoring": child_scoring, "reference": child_reference}[mode](
+                *rest[:2], *(int(x) for x in rest[2:])
+            )
         return 0
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="alps-bench-"))
@@ -197,9 +200,12 @@ def main() -> int:
 
 
 def drive(root: Path, layers: int, per_layer: int) -> int:
+    # Everything heavy runs in child processes: on Linux a child's ru_maxrss starts from the
+    # parent's RSS at fork, so a parent that generated the weights itself would floor every reading.
     t = time.perf_counter()
-    base, task = write_pair(root, layers)
     me = [sys.executable, str(Path(__file__).resolve())]
+    measure(me + ["write", str(root), str(layers)])
+    base, task = root / "base", root / "task"
     print(f"wrote base+task ({layers} layers, Llama-3-8B-shaped attention, bf16) in {time.perf_counter() - t:.1f} s")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work shares the CPUs)")
 

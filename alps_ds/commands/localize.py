@@ -33,6 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--heads", default=None, help="explicit selection instead of --select, e.g. 3:5,7:0 (0-based)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also read pytorch_model.bin checkpoints, through torch.load(weights_only=True) (tensors only, "
+        "no code runs); off by default: safetensors only",
+    )
 
 
 def _validate(args: argparse.Namespace) -> str:
@@ -108,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         progress=not args.quiet,
+        allow_pickle=args.allow_pickle,
     )
     spec, scores = result.spec, result.scores
     L, n = spec.num_layers, spec.num_heads

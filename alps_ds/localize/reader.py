@@ -23,7 +23,9 @@ from alps_ds.errors import AlpsError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
+_PICKLE_FILES = (PICKLE_FILE, PICKLE_INDEX_FILE)
 _DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -129,10 +131,12 @@ class CheckpointReader:
     Only headers are read up front; :meth:`layer` reads one layer's tensors on demand.
     """
 
-    def __init__(self, model_dir: Path, spec: AttentionSpec, *, label: str):
+    def __init__(self, model_dir: Path, spec: AttentionSpec, *, label: str, allow_pickle: bool = False):
         self.dir = model_dir
         self.spec = spec
         self.label = label
+        self.allow_pickle = allow_pickle
+        self._loaded: dict[str, torch.Tensor] = {}  # Q/K/V weights of a pickle checkpoint (--allow-pickle)
         self.bytes_read = 0
         self._tensors: dict[str, TensorInfo] = {}
         self._slots: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
@@ -140,10 +144,10 @@ class CheckpointReader:
         self._locate()
 
     @classmethod
-    def open(cls, name: str, *, label: str) -> CheckpointReader:
+    def open(cls, name: str, *, label: str, allow_pickle: bool = False) -> CheckpointReader:
         model_dir = resolve_model_dir(name)
         spec = AttentionSpec.from_pretrained(model_dir)
-        return cls(model_dir, spec, label=label)
+        return cls(model_dir, spec, label=label, allow_pickle=allow_pickle)
 
     def _locate(self) -> None:
         """Map every needed tensor name to its shard and byte range, reading headers only."""
@@ -154,10 +158,14 @@ class CheckpointReader:
             index = None
         else:
             pickled = [p for p in _PICKLE_FILES if (self.dir / p).exists()]
+            if pickled and self.allow_pickle:
+                self._load_pickle()
+                return
             if pickled:
                 raise AlpsError(
                     f"{self.label} {self.dir}: only a pickle checkpoint ({pickled[0]}) is there; alps-ds reads "
-                    "safetensors only (pickle can run code): re-save with save_pretrained(safe_serialization=True)"
+                    "safetensors only (pickle can run code): re-save with save_pretrained(safe_serialization=True), "
+                    "or pass --allow-pickle to load its tensors with torch.load(weights_only=True)"
                 )
             raise AlpsError(f"{self.label} {self.dir}: no {SINGLE_FILE} or {INDEX_FILE}; not a safetensors checkpoint")
         wanted = [
@@ -182,6 +190,50 @@ class CheckpointReader:
                     f"{list(expected)}; config and weights do not match"
                 )
             self._tensors[name] = info
+
+    def _load_pickle(self) -> None:
+        """Q/K/V weights of pytorch_model.bin (or its shards) via ``torch.load(weights_only=True)``.
+
+        weights_only unpickles tensors and plain containers only and refuses anything else, so a
+        checkpoint cannot run code. Memory: one shard at a time, keeping only the Q/K/V weights.
+        """
+        index = self.dir / PICKLE_INDEX_FILE
+        files = sorted(set(_read_index(index).values())) if index.is_file() else [PICKLE_FILE]
+        wanted = {f"{self.spec.module_path(layer, m)}.weight": m for layer in range(self.spec.num_layers)
+                  for m in self.spec.modules}  # fmt: skip
+        codes = {dtype: code for code, dtype in _DTYPES.items()}
+        for name in files:
+            path = self.dir / name
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except FileNotFoundError:
+                raise AlpsError(f"{self.label} {path}: shard file is missing; copy the complete checkpoint") from None
+            except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for refused or broken files
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                raise AlpsError(
+                    f"{self.label} {path}: refused or unreadable pickle ({type(e).__name__}: {first}); "
+                    "weights_only loads plain tensors only: re-save the model as safetensors"
+                ) from e
+            if not isinstance(state, dict):
+                raise AlpsError(f"{self.label} {path}: not a state dict; re-save the model as safetensors")
+            for key in wanted.keys() & state.keys():
+                tensor = state[key]
+                if not isinstance(tensor, torch.Tensor):
+                    raise AlpsError(f"{self.label} {path}: {key!r} is not a tensor; re-save the model as safetensors")
+                self._loaded[key] = tensor
+        for key, module in wanted.items():
+            tensor = self._loaded.get(key)
+            if tensor is None:
+                raise AlpsError(f"{self.label} {self.dir}: tensor {key!r} is missing; is this a complete checkpoint?")
+            expected = (self.spec.module_rows(module), self.spec.hidden_size)
+            if tuple(tensor.shape) != expected:
+                raise AlpsError(
+                    f"{self.label} {self.dir}: tensor {key!r} has shape {list(tensor.shape)} but config.json "
+                    f"implies {list(expected)}; config and weights do not match"
+                )
+            nbytes = tensor.numel() * tensor.element_size()
+            code = codes.get(tensor.dtype, str(tensor.dtype).removeprefix("torch.").upper())
+            self._tensors[key] = TensorInfo(self.dir / PICKLE_FILE, code, tuple(tensor.shape), 0, nbytes)
 
     def _weight_names(self, layer: int) -> list[str]:
         return [f"{self.spec.module_path(layer, m)}.weight" for m in self.spec.modules]
@@ -215,6 +267,9 @@ class CheckpointReader:
                 f"{self.label} {info.shard}: tensor {name!r} has dtype {info.dtype}; "
                 f"supported: {', '.join(_DTYPES)} (dequantize the checkpoint first)"
             )
+        if name in self._loaded:  # already in memory (a pickle checkpoint read with --allow-pickle)
+            self.bytes_read += info.end - info.begin
+            return self._loaded[name]
         numel = 1
         for s in info.shape:
             numel *= s

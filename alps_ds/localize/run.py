@@ -31,10 +31,10 @@ class LocalizeResult:
     device: str
 
 
-def open_pair(base: str, task: str) -> tuple[CheckpointReader, CheckpointReader]:
+def open_pair(base: str, task: str, *, allow_pickle: bool = False) -> tuple[CheckpointReader, CheckpointReader]:
     """Open both checkpoints (headers only) and check they describe the same architecture."""
-    rb = CheckpointReader.open(base, label="base")
-    rt = CheckpointReader.open(task, label="task")
+    rb = CheckpointReader.open(base, label="base", allow_pickle=allow_pickle)
+    rt = CheckpointReader.open(task, label="task", allow_pickle=allow_pickle)
     diff = rb.spec.fingerprint.diff(rt.spec.fingerprint)
     if diff:
         raise AlpsError(
@@ -75,11 +75,15 @@ def localize_scores(
     device: str = "auto",
     progress: bool = True,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    allow_pickle: bool = False,
 ) -> LocalizeResult:
-    """Score all heads of ``task`` against ``base`` (paths or hub ids)."""
+    """Score all heads of ``task`` against ``base`` (paths or hub ids).
+
+    ``allow_pickle``: also read pytorch_model.bin checkpoints, through torch.load(weights_only=True).
+    """
     start = time.perf_counter()
     dev = resolve_device(device)
-    rb, rt = open_pair(base, task)
+    rb, rt = open_pair(base, task, allow_pickle=allow_pickle)
     spec = rb.spec
     scorer = LayerScorer(spec, head_repr=head_repr, metric=metric, dtype=dtype, device=dev, max_elements=max_elements)
     scores = np.zeros((spec.num_layers, spec.num_heads), dtype=np.float64)

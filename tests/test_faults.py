@@ -211,3 +211,30 @@ def test_file_size_limit_during_export_fails_cleanly(export_inputs, tmp_path, ca
         signal.signal(signal.SIGXFSZ, old_handler)
     _assert_failed_cleanly(rc, err, parent, before, out)
     assert os.listdir(parent) == ["merged"]
+
+
+# ---- the atomic folder swap itself ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fail_at", ["writing", "swap"])
+def test_atomic_dir_keeps_the_previous_version_when_replacing_fails(tmp_path, monkeypatch, fail_at):
+    """Whatever fails (the writer, or the final rename), the folder holds its old content and no temp is left."""
+    from alps_ds import fsutil
+
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"old")
+    before = digest(tmp_path)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name.endswith(".tmp") and Path(dst) == target:  # the swap of the new folder into place
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    with pytest.raises(OSError), fsutil.atomic_dir(target) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"new, half")
+        if fail_at == "writing":
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(fsutil.os, "replace", replace)
+    assert digest(tmp_path) == before

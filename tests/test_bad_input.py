@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from dist import REPO, rank_env
 
 from alps_ds.cli import main
-from tests.dist import REPO, rank_env
 
 
 @dataclass(frozen=True)
@@ -431,11 +431,6 @@ def test_training_bad_input(case, world, runtime_results):
     assert_clean_error(case, r["rc"], r["stderr"], world)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, fix for the lead in alps_ds/train/loop.py (train helper still editing it): train() writes "
-    "OUT/run_config.json before the model, data and selection are checked; see docs/reliability.md",
-)
 def test_failed_training_runs_left_disk_untouched(world, runtime_results):
     changed = sorted({path for path, _ in runtime_results["_changed"]})
     assert not changed, f"failed runs created or changed: {changed}"

@@ -15,8 +15,7 @@ import sys
 
 import numpy as np
 import pytest
-
-from tests.dist import REPO, rank_env
+from dist import REPO, rank_env
 
 ARM_LABELS = ("ALPS 10 %", "random 10 %", "layer-consistent 10 %", "all heads", "no heads (Q/K/V frozen)")
 

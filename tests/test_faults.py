@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from dist import REPO, rank_env
 
 from alps_ds.cli import main
-from tests.dist import REPO, rank_env
 
 TINY = REPO / "configs" / "tiny.yaml"
 

@@ -238,12 +238,6 @@ def damaged_ds(draw):
     return d
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(AttributeError, TypeError, ValueError),
-    reason="known bug, fix for the lead in alps_ds/train/loop.py (train helper still editing it): deepspeed_config "
-    "does not check that zero_optimization/bf16/fp16/optimizer.params are objects; see docs/reliability.md",
-)
 @FIXTURE_OK
 @given(ds=damaged_ds() | json_values)
 def test_deepspeed_json_gives_only_alps_errors(tmp_path, ds):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist import REPO, rank_env
 
 from alps_ds.cli import main
-from tests.dist import REPO, rank_env
 
 PACKAGE = REPO / "alps_ds"
 
@@ -133,12 +133,6 @@ def test_train_never_runs_code_from_a_pickle(models, train_on_hostile_bin):
     assert not (train_on_hostile_bin["out"] / "checkpoints").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap, fix for the lead in alps_ds/train/loop.py (train helper still editing it): train hands a "
-    ".bin-only model to transformers (weights_only=True refuses the exploit, but with a traceback) instead of "
-    "refusing pickle up front with one line; see docs/reliability.md",
-)
 def test_train_refuses_a_pickle_only_model_with_one_line(train_on_hostile_bin):
     line = _one_error_line(train_on_hostile_bin["stderr"])
     assert "pytorch_model.bin" in line and "safetensors" in line

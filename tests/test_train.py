@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist import REPO, free_port, launcher_argv, rank_env, run_ranks
 from safetensors.torch import load_file
-
-from tests.dist import REPO, free_port, launcher_argv, rank_env, run_ranks
 
 MAIN = REPO / "alps_ds" / "__main__.py"
 TINY = REPO / "configs" / "tiny.yaml"
@@ -211,7 +210,13 @@ def killed(tmp_path_factory) -> dict:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before the kill:\n" + proc.stdout.read().decode()[-3000:]
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if str(MAIN) in " ".join(p.cmdline())]
+    ranks = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if str(MAIN) in " ".join(child.cmdline()):
+                ranks.append(child)
+        except psutil.Error:  # a short-lived helper process that exited (or is a zombie) meanwhile
+            pass
     assert len(ranks) == 2
     ranks[-1].send_signal(signal.SIGKILL)
     proc.wait(timeout=300)

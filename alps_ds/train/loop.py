@@ -111,6 +111,13 @@ def resolve_model_dir(cfg: RunConfig, out: Path, rank: int) -> Path:
     if local.is_dir():
         if not (local / "config.json").exists():
             raise AlpsError(f"model.path: {local} has no config.json; point to a Hugging Face model folder")
+        if not any(local.glob("*.safetensors")):
+            pickled = sorted(p.name for p in local.glob("*.bin"))
+            what = f"only {pickled[0]}, a pickle that can run code" if pickled else "no weights"
+            raise AlpsError(
+                f"model.path: {local} has no *.safetensors ({what}); alps-ds trains and exports safetensors "
+                "checkpoints only: re-save it with save_pretrained(safe_serialization=True)"
+            )
         return local
     if path.startswith((".", "/", "~")):
         raise AlpsError(f"model.path: {path} does not exist")
@@ -235,6 +242,12 @@ def deepspeed_config(cfg: RunConfig, grad_accum: int) -> dict[str, Any]:
             raise AlpsError(f"deepspeed: {raw}: expected a JSON object")
     else:
         ds = json.loads(json.dumps(raw))
+    for section in ("zero_optimization", "bf16", "fp16"):
+        if not isinstance(ds.get(section, {}), dict):
+            raise AlpsError(f'{src}: {section}: expected a JSON object, e.g. {{"stage": 2}} or {{"enabled": true}}')
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise AlpsError(f"{src}: zero_optimization.stage is {stage!r}; use 0, 1, 2 or 3")
     t = cfg.train
     wanted = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
@@ -257,6 +270,8 @@ def deepspeed_config(cfg: RunConfig, grad_accum: int) -> dict[str, Any]:
         if not isinstance(opt, dict) or not isinstance(opt.get("type"), str):
             raise AlpsError(f'{src}: optimizer: expected {{"type": "AdamW", "params": {{...}}}}')
         params = opt.setdefault("params", {})
+        if not isinstance(params, dict):
+            raise AlpsError(f"{src}: optimizer.params: expected a JSON object of optimizer settings")
         for key, value in (("lr", t.lr), ("betas", list(t.betas)), ("eps", t.eps), ("weight_decay", t.weight_decay)):
             if params.get(key, "auto") == "auto":
                 params[key] = value
@@ -497,9 +512,6 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
         raise AlpsError(f"output.dir: {out} already holds checkpoints; pass --resume or choose another output.dir")
     if resume and latest is None and rank == 0:
         print(f"alps-ds train: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
 
     import deepspeed
     import torch.distributed as dist
@@ -553,6 +565,9 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config,
     )
+    if rank == 0:  # only once every input checked out: a failed start leaves output.dir as it was
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
 
     start_step = 0
     if latest is not None:
@@ -682,10 +697,10 @@ def load_model(model_dir: Path, ds_config: dict[str, Any], stage: int, dtype: to
         # transformers builds under deepspeed.zero.Init (and loads the shards into the partitions)
         # while this object is alive; keep it on the model for the run's lifetime.
         hf_ds = HfDeepSpeedConfig(ds_config)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
         model._alps_hf_ds_config = hf_ds
         return model
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
 
 
 def open_tensorboard(path: Path, cfg: RunConfig, selection, report, start_step: int):

@@ -56,6 +56,33 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
+def read_config(name_or_path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """The raw config dict of a model folder, a ``config.json`` file or a hub id (needs network),
+    and the name to put in error messages."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise AlpsError(f"{path}: not a readable JSON config ({e}); point to a model folder") from e
+        if not isinstance(cfg, dict):
+            raise AlpsError(f"{path}: expected a JSON object; point to a model's config.json")
+        return cfg, str(path)
+    if path.parent.exists() and path.name == "config.json" or _looks_local(str(name_or_path)):
+        raise AlpsError(f"{name_or_path}: no config.json there; point to a Hugging Face model folder")
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(name_or_path)).to_dict(), str(name_or_path)
+    except Exception as e:  # network, auth, missing repo
+        raise AlpsError(
+            f"{name_or_path}: not a local model folder and the hub lookup failed ({type(e).__name__}); "
+            "pass a local path or check the model id and network"
+        ) from e
+
+
 @dataclass(frozen=True)
 class ModelFingerprint:
     """The shape facts a head selection depends on; two models with equal fingerprints
@@ -158,30 +185,8 @@ class AttentionSpec:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike) -> AttentionSpec:
         """From a model folder, a ``config.json`` file, or a hub id (needs network)."""
-        path = Path(name_or_path)
-        if path.is_dir():
-            path = path / "config.json"
-        if path.is_file():
-            try:
-                cfg = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise AlpsError(f"{path}: not a readable JSON config ({e}); point to a model folder") from e
-            if not isinstance(cfg, dict):
-                raise AlpsError(f"{path}: expected a JSON object; point to a model's config.json")
-            return cls.from_config(cfg, source=str(path))
-        if path.parent.exists() and path.name == "config.json" or _looks_local(str(name_or_path)):
-            raise AlpsError(f"{name_or_path}: no config.json there; point to a Hugging Face model folder")
-        try:
-            from transformers import AutoConfig
-
-            return cls.from_config(AutoConfig.from_pretrained(str(name_or_path)), source=str(name_or_path))
-        except AlpsError:
-            raise
-        except Exception as e:  # network, auth, missing repo
-            raise AlpsError(
-                f"{name_or_path}: not a local model folder and the hub lookup failed ({type(e).__name__}); "
-                "pass a local path or check the model id and network"
-            ) from e
+        cfg, source = read_config(name_or_path)
+        return cls.from_config(cfg, source=source)
 
     # ---- derived facts ------------------------------------------------------------
     @property

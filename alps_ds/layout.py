@@ -6,6 +6,7 @@ of :class:`~alps_ds.arch.AttentionSpec`. Tensor/pipeline-parallel mappings build
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -77,3 +78,13 @@ def trainable_rows(spec: AttentionSpec, heads: Iterable[tuple[int, int]], kv: KV
             )
         )
     return out
+
+
+def matches_train_others(pattern: str, param_name: str) -> bool:
+    """The ``train_others`` rule: ``"all"``, a dotted module component equal to ``pattern`` or ending
+    in it ('norm' matches ``input_layernorm``), an fnmatch glob of one component, or a glob of the
+    whole dotted parameter name. Shared by the engine hook and the memory planner."""
+    if pattern == "all" or fnmatch.fnmatchcase(param_name, pattern):
+        return True
+    parts = param_name.split(".")[:-1]
+    return any(part.endswith(pattern) or fnmatch.fnmatchcase(part, pattern) for part in parts)

@@ -14,10 +14,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from alps_ds.arch import AttentionSpec
+from alps_ds.arch import AttentionSpec, read_config
 from alps_ds.choose import count_for_ratio
 from alps_ds.errors import AlpsError
-from alps_ds.layout import KVPolicy, trainable_rows
+from alps_ds.layout import KVPolicy, matches_train_others, trainable_rows
+from alps_ds.parallel.mapping import balanced_split
 
 GiB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -117,29 +118,6 @@ def layer_of(name: str) -> int | None:
 
 
 # ---- which heads, and what they train ---------------------------------------------------------------
-def autotp_groups(num_kv_heads: int, tp: int) -> list[range]:
-    """KV groups held by each tensor-parallel rank as DeepSpeed AutoTP splits q/k/v: rank t gets
-    g // T + (1 if t < g % T else 0) consecutive groups (ranks past g get none)."""
-    base, extra = divmod(num_kv_heads, tp)
-    out, start = [], 0
-    for t in range(tp):
-        size = base + (1 if t < extra else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
-
-
-def stage_layers(num_layers: int, pp: int) -> list[range]:
-    """Layers of each pipeline stage, split evenly (the first stages take the remainder)."""
-    base, extra = divmod(num_layers, pp)
-    out, start = [], 0
-    for s in range(pp):
-        size = base + (1 if s < extra else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
-
-
 def worst_case_heads(spec: AttentionSpec, k: int, *, layers: Iterable[int] | None = None, groups=None) -> list[Head]:
     """A selection of ``k`` heads that trains the most elements on the rank holding ``layers`` and kv
     ``groups`` (default: all): heads go there first, and each new head touches a kv group not yet
@@ -174,7 +152,7 @@ def slice_elements(
     spec: AttentionSpec, heads: Sequence[Head], kv: KVPolicy = "group", *, tp: int = 1
 ) -> dict[tuple[str, int], int]:
     """(module path, tp rank) -> trainable slice elements (weight rows x d, plus bias entries)."""
-    groups = autotp_groups(spec.num_kv_heads, tp)
+    groups = balanced_split(spec.num_kv_heads, tp)
     rank_of = {j: t for t, r in enumerate(groups) for j in r}
     per_row = spec.hidden_size + (1 if spec.qkv_bias else 0)
     out: dict[tuple[str, int], int] = {}
@@ -196,22 +174,14 @@ def module_elements(spec: AttentionSpec, heads: Sequence[Head], kv: KVPolicy = "
     return out
 
 
-def others_matcher():
-    """The engine hook's ``train_others`` pattern rule, so the plan trains what ``apply`` would."""
-    from alps_ds.sparse.hook import _pattern_matches
-
-    return _pattern_matches
-
-
 def train_others_params(params: dict[str, int], spec: AttentionSpec, patterns: Sequence[str]) -> set[str]:
     """Names of parameters outside Q/K/V that ``train_others`` trains in full (error on a pattern matching none)."""
     if not patterns:
         return set()
-    match = others_matcher()
     qkv = {spec.module_path(layer, m) for layer in range(spec.num_layers) for m in spec.modules}
     chosen: set[str] = set()
     for pat in patterns:
-        hits = {name for name in params if name.rpartition(".")[0] not in qkv and (pat == "all" or match(pat, name))}
+        hits = {name for name in params if name.rpartition(".")[0] not in qkv and matches_train_others(pat, name)}
         if not hits:
             raise AlpsError(
                 f"--train-others {pat!r} matches no parameter outside Q/K/V; "
@@ -413,8 +383,8 @@ def make_plan(
 
     # The most loaded model-parallel rank: pipeline stage 0 (or the last one, with the lm_head) and
     # tensor-parallel rank 0, which AutoTP gives the most kv groups.
-    stages = stage_layers(spec.num_layers, par.pp)
-    tp_groups = autotp_groups(spec.num_kv_heads, par.tp)
+    stages = balanced_split(spec.num_layers, par.pp)  # even; the first stages take the remainder
+    tp_groups = balanced_split(spec.num_kv_heads, par.tp)
 
     def stage_of(name: str) -> int:
         layer = layer_of(name)
@@ -518,22 +488,6 @@ def format_plan(plan: Plan) -> str:
 
 def load_config(model: str) -> dict[str, Any]:
     """A model folder, a ``config.json`` or a hub id -> its config dict with the family defaults filled in."""
-    import json
-    from pathlib import Path
-
-    path = Path(model)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        try:
-            cfg = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise AlpsError(f"{path}: not a readable JSON config ({e}); point to a model folder") from e
-        if not isinstance(cfg, dict) or "model_type" not in cfg:
-            raise AlpsError(f"{path}: no 'model_type' key; point to a Hugging Face model's config.json")
-        AttentionSpec.from_config(cfg, source=str(path))  # names the file in errors about the shape
-        return _config_dict(cfg)
-    AttentionSpec.from_pretrained(model)  # a clear AlpsError for a missing folder or a failed hub lookup
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model).to_dict()
+    cfg, source = read_config(model)
+    AttentionSpec.from_config(cfg, source=source)  # names the file in errors about the shape
+    return _config_dict(cfg)

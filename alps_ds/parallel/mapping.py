@@ -53,9 +53,12 @@ def native_layout(spec: AttentionSpec) -> TPLayout:
     return {"separate": "hf", "fused": "fused", "neox": "neox"}[spec.layout]
 
 
-def autotp_groups(num_kv_heads: int, tp: int, rank: int) -> int:
-    """kv groups AutoTP gives TP rank ``rank``: ``g // T + (1 if rank < g % T else 0)``."""
-    return num_kv_heads // tp + (1 if rank < num_kv_heads % tp else 0)
+def balanced_split(count: int, parts: int) -> list[range]:
+    """``count`` items in ``parts`` consecutive runs, the first ``count % parts`` one longer: how
+    AutoTP cuts kv groups over TP ranks (``get_shard_size``; ranks past ``count`` get none)."""
+    base, extra = divmod(count, parts)
+    bounds = [p * base + min(p, extra) for p in range(parts + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 @dataclass(frozen=True)
@@ -162,8 +165,8 @@ class TensorParallel:
         T, t, total = self.tp, rank, self.module_rows(module)
         if self.layout == "autotp":
             g = self.spec.num_kv_heads
-            start = sum(total * autotp_groups(g, T, r) // g for r in range(t))
-            return ((start, start + total * autotp_groups(g, T, t) // g),)
+            groups = balanced_split(g, T)[t]  # every module's rows are whole kv groups
+            return ((total * groups.start // g, total * groups.stop // g),)
         if self.layout == "fused":
             n, g, hd = self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim
             q, kv = n * hd // T, g * hd // T

@@ -8,7 +8,6 @@ Data flow: config -> :class:`AttentionSpec` -> :class:`HeadSelection` -> :func:`
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 
 from alps_ds.arch import AttentionSpec
 from alps_ds.errors import AlpsError
-from alps_ds.layout import KVPolicy, trainable_rows
+from alps_ds.layout import KVPolicy, matches_train_others, trainable_rows
 from alps_ds.selection import HeadSelection
 from alps_ds.sparse.module import HeadRowsLinear, gathered, reparametrize
 
@@ -37,15 +36,6 @@ def qkv_module_names(model: nn.Module, spec: AttentionSpec) -> set[str]:
         for m in spec.modules
         if spec.module_path(layer, m) in present
     }
-
-
-def _pattern_matches(pattern: str, param_name: str) -> bool:
-    """``pattern`` names a module: a dotted component equal to it or ending in it ('norm' matches
-    ``input_layernorm``), an fnmatch glob of one component, or a glob of the whole dotted name."""
-    if fnmatch.fnmatchcase(param_name, pattern):
-        return True
-    parts = param_name.split(".")[:-1]
-    return any(part.endswith(pattern) or fnmatch.fnmatchcase(part, pattern) for part in parts)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -95,7 +85,7 @@ def apply(
         if module_name in qkv:
             continue
         for pat in patterns:
-            if pat == "all" or _pattern_matches(pat, pname):
+            if matches_train_others(pat, pname):
                 matched[pat] += 1
                 p.requires_grad_(True)
     unmatched = [pat for pat, count in matched.items() if count == 0]

@@ -146,6 +146,18 @@ def test_activation_checkpointing_with_frozen_embeddings_reaches_the_slices(reen
         assert mod.head_weight.grad is not None and mod.head_weight.grad.abs().sum() > 0
 
 
+def test_hooked_model_runs_on_the_device_its_weights_are_on():
+    """A model hooked where it already sits (a GPU, or built under zero.Init, which DeepSpeed never
+    moves) must run there: index_copy refuses a row index on another device. The meta device runs
+    the same device checks as CUDA, so this runs on CPU-only machines too."""
+    base, spec, sel = make("qwen2")
+    model = apply(copy.deepcopy(base).to("meta"), sel)
+    assert {mod.rows.device.type for _, mod in hooked_modules(model)} == {"meta"}
+    assert model(batch().to("meta")).logits.shape == (2, 12, 96)
+    merge(model)  # writes the slices back with the same index
+    assert model.get_submodule(spec.module_path(0, "q_proj")).weight.device.type == "meta"
+
+
 def test_reparametrize_takes_any_linear_like_module_and_local_rows():
     class Shard(nn.Module):  # e.g. a tensor-parallel shard: .weight [out, in], .bias, x @ W^T + b
         def __init__(self):

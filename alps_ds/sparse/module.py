@@ -54,6 +54,11 @@ def full_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(p.ds_shape) if _is_partitioned(p) else tuple(p.shape)
 
 
+def row_index(ranges: Ranges, device: torch.device | str | None = None) -> torch.Tensor:
+    """The row indices of half-open ``ranges`` as one int64 tensor on ``device``."""
+    return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
+
+
 def as_ranges(rows: Sequence[int] | Sequence[tuple[int, int]], limit: int) -> Ranges:
     """Normalize row indices or half-open ``(start, stop)`` ranges to sorted, merged ranges."""
     items = list(rows)
@@ -98,9 +103,10 @@ class HeadRowsLinear(nn.Module):
         self.kinds = kinds
         self.head_weight = nn.Parameter(head_weight, requires_grad=True)
         self.head_bias = None if head_bias is None else nn.Parameter(head_bias, requires_grad=True)
-        idx = torch.cat([torch.arange(a, b) for a, b in ranges])
         # Not persistent: a state_dict of the hooked model holds weights only; ranges travel in adapters.
-        self.register_buffer("rows", idx, persistent=False)
+        # On the slice's device: index_copy refuses an index on another device, and DeepSpeed does
+        # not move a model built under zero.Init (so a CPU buffer would stay behind the GPU weights).
+        self.register_buffer("rows", row_index(ranges, head_weight.device), persistent=False)
 
     @property
     def num_rows(self) -> int:
@@ -142,8 +148,7 @@ def reparametrize(
     if bias is not None and not isinstance(bias, torch.Tensor):
         bias = None
     ranges = as_ranges(rows, full_shape(weight)[0])
-    idx = torch.cat([torch.arange(a, b) for a, b in ranges])
     with gathered([weight, bias]):
-        head_weight = weight.detach().index_select(0, idx.to(weight.device)).clone()
-        head_bias = None if bias is None else bias.detach().index_select(0, idx.to(bias.device)).clone()
+        head_weight = weight.detach().index_select(0, row_index(ranges, weight.device)).clone()
+        head_bias = None if bias is None else bias.detach().index_select(0, row_index(ranges, bias.device)).clone()
     return HeadRowsLinear(weight, bias, ranges, head_weight, head_bias, kinds)

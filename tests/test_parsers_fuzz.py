@@ -241,7 +241,7 @@ def damaged_ds(draw):
 @FIXTURE_OK
 @given(ds=damaged_ds() | json_values)
 def test_deepspeed_json_gives_only_alps_errors(tmp_path, ds):
-    from alps_ds.train.loop import deepspeed_config, train_dtype, zero_stage
+    from alps_ds.train.engine_config import deepspeed_config, train_dtype, zero_stage
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
@@ -259,7 +259,7 @@ def test_deepspeed_json_gives_only_alps_errors(tmp_path, ds):
 @FIXTURE_OK
 @given(blob=st.binary(max_size=80) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_latest_pointer_gives_only_alps_errors(tmp_path, blob):
-    from alps_ds.train.loop import read_latest
+    from alps_ds.train.checkpoint import read_latest
 
     (tmp_path / "latest.json").write_bytes(blob)
     try:

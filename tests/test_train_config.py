@@ -11,7 +11,7 @@ import pytest
 from alps_ds.cli import main
 from alps_ds.errors import AlpsError
 from alps_ds.train.config import RunConfig, gradient_accumulation, load_config
-from alps_ds.train.loop import deepspeed_config, lr_lambda
+from alps_ds.train.engine_config import deepspeed_config, lr_lambda
 
 REPO = Path(__file__).resolve().parents[1]
 MIN = "model: tiny:llama\nselection: {method: random}\ndata: {datasets: [d.jsonl]}\n"

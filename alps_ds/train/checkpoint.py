@@ -1,0 +1,91 @@
+"""Checkpoints of a run: save under a new tag, point latest.json at it, prune old tags, keep per-rank RNG state.
+
+Checkpoints hold only trainable tensors (``exclude_frozen_parameters``); frozen weights come back
+from the base model on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from alps_ds.errors import AlpsError
+from alps_ds.fsutil import atomic_file, atomic_write_text
+from alps_ds.train.distributed import barrier
+
+LATEST = "latest.json"
+
+
+def read_latest(ckpt_dir: Path) -> dict[str, Any] | None:
+    """The pointer to the last complete checkpoint, or None."""
+    path = ckpt_dir / LATEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return {"tag": str(data["tag"]), "step": int(data["step"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise AlpsError(f"{path}: unreadable checkpoint pointer ({e}); delete it to start over") from e
+
+
+def rng_state() -> dict[str, Any]:
+    """This rank's Python, NumPy and torch RNG state, saved beside each checkpoint."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> str:
+    """Save under a new tag, then (after every rank finished) point ``latest.json`` at it.
+
+    A crash at any moment leaves ``latest.json`` naming a complete checkpoint (or none yet).
+    """
+    tag = f"step-{step:08d}"
+    engine.save_checkpoint(
+        str(ckpt_dir), tag=tag, client_state={"alps_step": step}, save_latest=False, exclude_frozen_parameters=True
+    )
+    with atomic_file(ckpt_dir / tag / f"alps_rank{rank}.pt", "wb") as f:
+        torch.save({"step": step, "rng": rng_state()}, f)
+    barrier()
+    if rank == 0:
+        atomic_write_text(ckpt_dir / LATEST, json.dumps({"tag": tag, "step": step}) + "\n")
+        prune_checkpoints(ckpt_dir, keep, newest=step)
+    barrier()
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: Path, latest: dict[str, Any], rank: int, keep: int) -> int:
+    """Resume ``engine`` (and this rank's RNG state) from the tag ``latest`` names; returns its step.
+
+    Rank 0 then deletes tags past it, left half-written by the crash that ended the previous run.
+    """
+    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=latest["tag"], load_module_strict=False)
+    if load_path is None:
+        raise AlpsError(f"{ckpt_dir / latest['tag']}: DeepSpeed could not load this checkpoint")
+    step = latest["step"]
+    state_file = ckpt_dir / latest["tag"] / f"alps_rank{rank}.pt"
+    if state_file.exists():
+        set_rng_state(torch.load(state_file, weights_only=False)["rng"])
+    if rank == 0:
+        prune_checkpoints(ckpt_dir, keep, newest=step)
+    return step
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int, newest: int) -> None:
+    """Delete old tags beyond ``keep`` and any tag newer than ``newest`` (left half-written by a crash)."""
+    tags = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+    steps = {p: int(p.name.removeprefix("step-")) for p in tags if p.name.removeprefix("step-").isdigit()}
+    done = [p for p, s in steps.items() if s <= newest]
+    for p in done[:-keep] + [p for p, s in steps.items() if s > newest]:
+        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,68 @@
+"""The process group and per-rank logging for a training run.
+
+Runs the same under the deepspeed launcher, torchrun, mpirun (ranks from mpi4py) and as one
+plain process; rank 0 keeps warnings, other ranks stay quiet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or, alone, create) the process group; returns (rank, world size).
+
+    torchrun and the deepspeed launcher export RANK/WORLD_SIZE; under mpirun DeepSpeed reads them
+    from mpi4py; a plain process becomes a group of one on a free local port.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ and not any(k in os.environ for k in MPI_ENV):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    port = int(os.environ.get("MASTER_PORT", 29500))
+    deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def quiet_logs(rank: int) -> None:
+    """Rank 0 keeps warnings; other ranks print errors only and draw no progress bars."""
+    import warnings
+
+    import datasets
+    import transformers
+    from deepspeed.utils import logger as ds_logger
+
+    # DeepSpeed still calls collectives torch renamed; the warning repeats every step on every rank.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    level = logging.WARNING if rank == 0 else logging.ERROR
+    ds_logger.setLevel(level)
+    transformers.logging.set_verbosity(level)
+    datasets.logging.set_verbosity(level)
+    if rank != 0:
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+def barrier() -> None:
+    """Wait for every rank."""
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (any picklable object)."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,112 @@
+"""What the DeepSpeed engine is built with: the DS config filled from the run config, ZeRO stage, dtype, LR schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alps_ds.errors import AlpsError
+from alps_ds.train.config import RunConfig
+
+# The run config owns these DeepSpeed keys; a DS JSON may leave them out, say "auto", or repeat the same value.
+_DS_OWNED = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.batch",
+    "train_batch_size": "train.batch",
+    "gradient_clipping": "train.grad_clip",
+}
+DEFAULT_DS_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 2}}
+
+
+def deepspeed_config(cfg: RunConfig, grad_accum: int) -> dict[str, Any]:
+    """The DS config with batch sizes, clipping and optimizer hyper-parameters filled from the run config."""
+    raw = cfg.deepspeed
+    src = "deepspeed"
+    if raw is None:
+        ds = json.loads(json.dumps(DEFAULT_DS_CONFIG))
+    elif isinstance(raw, str):
+        src = raw
+        try:
+            ds = json.loads(Path(raw).read_text())
+        except FileNotFoundError:
+            raise AlpsError(f"deepspeed: {raw}: no such file (see configs/ds_zero2.json)") from None
+        except ValueError as e:
+            raise AlpsError(f"deepspeed: {raw}: not valid JSON ({e})") from e
+        if not isinstance(ds, dict):
+            raise AlpsError(f"deepspeed: {raw}: expected a JSON object")
+    else:
+        ds = json.loads(json.dumps(raw))
+    for section in ("zero_optimization", "bf16", "fp16"):
+        if not isinstance(ds.get(section, {}), dict):
+            raise AlpsError(f'{src}: {section}: expected a JSON object, e.g. {{"stage": 2}} or {{"enabled": true}}')
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise AlpsError(f"{src}: zero_optimization.stage is {stage!r}; use 0, 1, 2 or 3")
+    t = cfg.train
+    wanted = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": t.batch,
+        "gradient_clipping": t.grad_clip,
+    }
+    for key, value in wanted.items():
+        have = ds.get(key, "auto")
+        if have != "auto" and have != value:
+            raise AlpsError(
+                f"{src}: {key} is {have!r} but the run config gives {value!r} ({_DS_OWNED[key]}); "
+                'remove the key or write "auto"'
+            )
+        ds[key] = value
+    if "scheduler" in ds:
+        raise AlpsError(f"{src}: scheduler: the LR schedule comes from train.schedule; remove 'scheduler'")
+    if "optimizer" in ds:
+        opt = ds["optimizer"]
+        if not isinstance(opt, dict) or not isinstance(opt.get("type"), str):
+            raise AlpsError(f'{src}: optimizer: expected {{"type": "AdamW", "params": {{...}}}}')
+        params = opt.setdefault("params", {})
+        if not isinstance(params, dict):
+            raise AlpsError(f"{src}: optimizer.params: expected a JSON object of optimizer settings")
+        for key, value in (("lr", t.lr), ("betas", list(t.betas)), ("eps", t.eps), ("weight_decay", t.weight_decay)):
+            if params.get(key, "auto") == "auto":
+                params[key] = value
+    for prec in ("bf16", "fp16"):
+        if ds.get(prec, {}).get("enabled") == "auto":
+            raise AlpsError(f"{src}: {prec}.enabled: write true or false (mixed precision is set in the DS config)")
+    ds.setdefault("steps_per_print", 1 << 30)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def train_dtype(ds: dict[str, Any]) -> torch.dtype:
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    """Multiplier of train.lr at optimizer step s: linear warmup, then cosine/linear decay to min_lr_ratio."""
+    t = cfg.train
+    warmup = math.ceil(t.warmup_ratio * total_steps)
+    floor = t.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if t.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn

@@ -1,0 +1,98 @@
+"""Export of a finished run: OUT/merged (the base checkpoint with trained rows written in) and OUT/adapter."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from alps_ds.errors import AlpsError
+from alps_ds.fsutil import atomic_dir
+from alps_ds.train.config import RunConfig
+from alps_ds.train.distributed import barrier
+
+
+def export(cfg: RunConfig, engine, selection, model_dir: Path, out: Path, rank: int):
+    """OUT/merged (base checkpoint with trained rows written in) and OUT/adapter; collective."""
+    trained = trained_tensors(engine)
+    merged_dir = adapter_dir = None
+    if rank == 0 and cfg.output.merged:
+        merged_dir = out / "merged"
+        write_merged(model_dir, merged_dir, merged_updates(engine, trained))
+    if cfg.output.adapter:
+        from alps_ds.adapter import save_adapter
+
+        # collective: every rank takes part (ZeRO-3 gathers the slices), rank 0 writes
+        adapter_dir = save_adapter(engine.module, out / "adapter", selection)
+    barrier()
+    return merged_dir, adapter_dir
+
+
+def trained_tensors(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 values of every trainable parameter (collective: call on all ranks; rank 0 gets the dict)."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from alps_ds.sparse.module import gathered
+
+    out: dict[str, torch.Tensor] = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        value = safe_get_full_fp32_param(p)
+        if value is None:
+            with gathered([p]):
+                value = p.detach().float().clone()
+        if dist.get_rank() == 0:
+            out[name] = value.detach().cpu().clone()
+    return out
+
+
+def merged_updates(engine, trained: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+    """Base checkpoint key -> (row indices or None for the whole tensor, new values)."""
+    from alps_ds.sparse import hooked_modules
+
+    updates: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    hooked = dict(hooked_modules(engine.module))
+    for name, value in trained.items():
+        module_name, _, pname = name.rpartition(".")
+        if module_name in hooked and pname in ("head_weight", "head_bias"):
+            target = f"{module_name}.{'weight' if pname == 'head_weight' else 'bias'}"
+            updates[target] = (hooked[module_name].rows.cpu(), value)
+        else:
+            updates[name] = (None, value)
+    return updates
+
+
+def write_merged(model_dir: Path, target: Path, updates: dict[str, tuple[torch.Tensor | None, torch.Tensor]]) -> None:
+    """Copy the base checkpoint shard by shard, writing the trained rows/tensors in (base dtype).
+
+    Untouched tensors are copied bit for bit; memory stays near one shard.
+    """
+    from safetensors.torch import load_file, save_file
+
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        raise AlpsError(f"{model_dir}: no *.safetensors files; export needs a safetensors base checkpoint")
+    pending = dict(updates)
+    with atomic_dir(target) as tmp:
+        for item in model_dir.iterdir():
+            if item.is_file() and item.suffix != ".safetensors" and not item.name.startswith("."):
+                shutil.copy2(item, tmp / item.name)
+        for shard in shards:
+            tensors = load_file(str(shard))
+            for key in list(tensors):
+                if key in pending:
+                    rows, value = pending.pop(key)
+                    base = tensors[key]
+                    if rows is None:
+                        tensors[key] = value.to(base.dtype).reshape(base.shape).contiguous()
+                    else:
+                        tensors[key] = base.index_copy(0, rows, value.to(base.dtype)).contiguous()
+            save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
+        if pending:
+            raise AlpsError(
+                f"{model_dir}: trained tensor(s) {', '.join(sorted(pending)[:3])} not found in the base checkpoint; "
+                "cannot export the merged model"
+            )

@@ -1,0 +1,68 @@
+"""The run's head selection: a given heads.json, a baseline (random, layer-consistent, all, none) or top-k."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alps_ds.errors import AlpsError
+from alps_ds.train.config import RunConfig
+from alps_ds.train.distributed import broadcast
+
+
+def resolve_selection(cfg: RunConfig, spec, model_dir: Path, out: Path, rank: int, resume: bool):
+    """The run's HeadSelection, saved as OUT/heads.json by rank 0 (a resumed run reuses that file)."""
+    from alps_ds.choose import choose, count_for_ratio, top_k
+    from alps_ds.selection import HeadSelection, Provenance
+
+    saved = out / "heads.json"
+    sel_cfg = cfg.selection
+    if resume and saved.exists():
+        return HeadSelection.load(saved, spec=spec)
+    if sel_cfg.heads:
+        selection = HeadSelection.load(sel_cfg.heads, spec=spec)
+    elif sel_cfg.method == "top-k":
+        selection = None
+        if rank == 0:
+            try:
+                selection = localize_selection(cfg, model_dir, spec, count_for_ratio, top_k)
+            except AlpsError as e:  # hand the error to every rank instead of leaving them waiting
+                selection = e
+        selection = broadcast(selection)
+        if isinstance(selection, AlpsError):
+            raise AlpsError(str(selection))
+    else:
+        heads = choose(
+            sel_cfg.method,
+            num_layers=spec.num_layers,
+            num_heads=spec.num_heads,
+            ratio=sel_cfg.ratio,
+            seed=sel_cfg.seed,
+        )
+        ratio = None if sel_cfg.method in ("all", "none") else sel_cfg.ratio
+        provenance = Provenance(select=sel_cfg.method, ratio=ratio, seed=sel_cfg.seed, base=cfg.model.path)
+        selection = HeadSelection(spec.fingerprint, tuple(heads), provenance)
+    if rank == 0:
+        selection.save(saved)
+    return selection
+
+
+def localize_selection(cfg: RunConfig, model_dir: Path, spec, count_for_ratio, top_k):
+    """Top-k heads of base (the model) vs task by alps_ds.localize (rank 0 only)."""
+    from alps_ds.localize import localize_scores
+    from alps_ds.selection import HeadSelection, Provenance
+
+    s = cfg.selection
+    kwargs = {k: v for k, v in (("metric", s.metric), ("head_repr", s.head_repr)) if v is not None}
+    result = localize_scores(str(model_dir), s.task, progress=cfg.logging.progress, **kwargs)
+    k = count_for_ratio(s.ratio, spec.num_layers, spec.num_heads)
+    heads = top_k(result.scores, k)
+    provenance = Provenance(
+        select="top-k",
+        metric=kwargs.get("metric"),
+        head_repr=kwargs.get("head_repr"),
+        ratio=s.ratio,
+        base=cfg.model.path,
+        task=s.task,
+    )
+    scores = tuple(tuple(float(x) for x in row) for row in result.scores)
+    return HeadSelection(spec.fingerprint, tuple(heads), provenance, scores)

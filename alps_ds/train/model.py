@@ -1,0 +1,93 @@
+"""The run's base model: its local folder (configured, hub snapshot or built tiny), tokenizer, and the loaded LM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alps_ds.errors import AlpsError
+from alps_ds.fsutil import atomic_dir
+from alps_ds.train.config import RunConfig
+from alps_ds.train.distributed import barrier
+
+
+def resolve_model_dir(cfg: RunConfig, out: Path, rank: int) -> Path:
+    """A local folder with config.json and safetensors: the configured one, a hub snapshot, or a built tiny model."""
+    path = cfg.model.path
+    if path.startswith("tiny:"):
+        target = out / "base"
+        if rank == 0 and not (target / "config.json").exists():
+            build_tiny_base(path.removeprefix("tiny:"), target, seed=cfg.model.seed)
+        barrier()
+        return target
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise AlpsError(f"model.path: {local} has no config.json; point to a Hugging Face model folder")
+        if not any(local.glob("*.safetensors")):
+            pickled = sorted(p.name for p in local.glob("*.bin"))
+            what = f"only {pickled[0]}, a pickle that can run code" if pickled else "no weights"
+            raise AlpsError(
+                f"model.path: {local} has no *.safetensors ({what}); alps-ds trains and exports safetensors "
+                "checkpoints only: re-save it with save_pretrained(safe_serialization=True)"
+            )
+        return local
+    if path.startswith((".", "/", "~")):
+        raise AlpsError(f"model.path: {path} does not exist")
+    from huggingface_hub import snapshot_download
+
+    def fetch() -> str:
+        try:
+            return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        except Exception as e:
+            raise AlpsError(f"model.path: {path!r} is not a local folder and the hub download failed ({e})") from e
+
+    if rank == 0:
+        fetch()
+    barrier()
+    return Path(fetch())
+
+
+def build_tiny_base(family: str, target: Path, *, seed: int) -> None:
+    """A tiny random ``family`` model with the offline byte tokenizer, written atomically to ``target``."""
+    from alps_ds.tiny import build_model, save_model, tiny_config
+    from alps_ds.train.tokenizer import BYTE_VOCAB, save_byte_tokenizer
+
+    model = build_model(tiny_config(family or "llama", vocab=BYTE_VOCAB, max_positions=1024), seed=seed)
+    with atomic_dir(target) as tmp:
+        save_model(model, tmp)
+        save_byte_tokenizer(tmp)
+
+
+def load_tokenizer(cfg: RunConfig, model_dir: Path):
+    from transformers import AutoTokenizer
+
+    name = cfg.model.tokenizer or str(model_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise AlpsError(
+            f"model.tokenizer: no usable tokenizer at {name} ({type(e).__name__}); set model.tokenizer to a folder "
+            "with tokenizer files"
+        ) from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: Path, ds_config: dict[str, Any], stage: int, dtype: torch.dtype):
+    """The base causal LM in the training dtype; under ZeRO-3 built partitioned (zero.Init via HfDeepSpeedConfig)."""
+    from transformers import AutoModelForCausalLM
+
+    if stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # transformers builds under deepspeed.zero.Init (and loads the shards into the partitions)
+        # while this object is alive; keep it on the model for the run's lifetime.
+        hf_ds = HfDeepSpeedConfig(ds_config)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
+        model._alps_hf_ds_config = hf_ds
+        return model
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)

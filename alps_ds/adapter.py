@@ -27,6 +27,7 @@ from alps_ds.arch import AttentionSpec
 from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_dir
 from alps_ds.selection import HeadSelection
+from alps_ds.sparse.module import row_index
 
 FORMAT = "alps-ds/adapter"
 VERSION = 1
@@ -45,10 +46,6 @@ class AdapterModule:
     kinds: tuple[tuple[str, int], ...]
     in_features: int
     bias: bool
-
-    @property
-    def indices(self) -> torch.Tensor:
-        return torch.cat([torch.arange(a, b) for a, b in self.ranges])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +96,13 @@ class Adapter:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise AlpsError(f"{meta_path}: 'modules' entry malformed ({type(e).__name__}: {e})") from e
+        for m in modules:
+            stops = [0] + [b for _, b in m.ranges]
+            if not m.ranges or any(not prev <= a < b for prev, (a, b) in zip(stops, m.ranges)):
+                raise AlpsError(
+                    f"{meta_path}: {m.module} row ranges {[list(r) for r in m.ranges]} are not sorted, disjoint "
+                    "[start, stop) pairs with 0 <= start < stop; save the adapter again"
+                )
         try:
             tensors = load_file(str(tensor_path))
         except (SafetensorError, OSError) as e:
@@ -213,10 +217,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         with gathered([weight, bias], modify=True), torch.no_grad():
             if weight.shape[1] != m.in_features or weight.shape[0] < m.ranges[-1][1]:
                 raise AlpsError(f"{adapter_dir}: {m.module} weight {tuple(weight.shape)} does not fit the adapter rows")
-            idx = m.indices
-            weight.data.index_copy_(0, idx, w_rows.to(weight.dtype))
+            # index_copy needs index and rows on the weight's device (a GPU model, or ZeRO-3 gathered there)
+            idx = row_index(m.ranges, weight.device)
+            weight.data.index_copy_(0, idx, w_rows.to(weight.device, weight.dtype))
             if bias is not None and b_rows is not None:
-                bias.data.index_copy_(0, idx, b_rows.to(bias.dtype))
+                bias.data.index_copy_(0, idx, b_rows.to(bias.device, bias.dtype))
     return model
 
 
@@ -258,13 +263,13 @@ def merge_adapter_into_checkpoint(
     spec = AttentionSpec.from_pretrained(base)
     adapter.selection.check_model(spec, source=str(adapter_dir))
     shard_of = _shard_map(base)
-    edits: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    edits: dict[str, dict[str, tuple[tuple[tuple[int, int], ...], torch.Tensor]]] = {}
     for m in adapter.modules:
         for leaf in ("weight", "bias") if m.bias else ("weight",):
             key = f"{m.module}.{leaf}"
             if key not in shard_of:
                 raise AlpsError(f"{base}: checkpoint has no tensor {key}; adapter made for another model layout")
-            edits.setdefault(shard_of[key], {})[key] = (m.indices, adapter.tensors[key])
+            edits.setdefault(shard_of[key], {})[key] = (m.ranges, adapter.tensors[key])
     try:
         with atomic_dir(out) as tmp:
             entries = sorted(base.iterdir())
@@ -279,11 +284,11 @@ def merge_adapter_into_checkpoint(
                 with safe_open(str(entry), "pt") as f:
                     metadata = f.metadata()
                     tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-                for key, (idx, rows) in edits[entry.name].items():
+                for key, (ranges, rows) in edits[entry.name].items():
                     t = tensors[key]
-                    if t.shape[0] < int(idx.max()) + 1 or (t.dim() == 2 and t.shape[1] != rows.shape[1]):
+                    if t.shape[0] < ranges[-1][1] or (t.dim() == 2 and t.shape[1] != rows.shape[1]):
                         raise AlpsError(f"{entry}: tensor {key} {tuple(t.shape)} does not fit the adapter rows")
-                    tensors[key] = t.index_copy(0, idx, rows.to(t.dtype))
+                    tensors[key] = t.index_copy(0, row_index(ranges), rows.to(t.dtype))
                 save_file(tensors, str(target), metadata=metadata)
     except (OSError, SafetensorError) as e:  # disk full, read-only, quota: the old --out is still in place
         raise AlpsError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import filecmp
 import json
+import shutil
 
 import pytest
 import torch
@@ -69,6 +70,37 @@ def test_load_onto_hooked_and_onto_plain_base(trained):
     other = apply(copy.deepcopy(base), sel, kv="none")
     with pytest.raises(AlpsError, match="hook the model with the adapter's selection"):
         load_adapter(other, root / "adapter")
+
+
+def test_load_onto_a_model_on_another_device(trained):
+    """The adapter is read on the CPU; a base model on a GPU takes its rows there (index_copy refuses
+    an index on another device; the meta device runs the same checks as CUDA)."""
+    root, base, *_ = trained
+    model = load_adapter(copy.deepcopy(base).to("meta"), root / "adapter")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("damage", ["reversed", "negative", "overlapping"])
+def test_damaged_row_ranges_are_one_line_errors(trained, tmp_path, capsys, damage):
+    """Ranges that still add up to the tensor's rows reached index_copy and raised a traceback (or,
+    overlapping, wrote some rows twice)."""
+    root, base, *_ = trained
+    adapter = tmp_path / "adapter"
+    shutil.copytree(root / "adapter", adapter)
+    meta = json.loads((adapter / "adapter.json").read_text())
+    rows = sum(b - a for a, b in meta["modules"][0]["ranges"])
+    meta["modules"][0]["ranges"] = {
+        "reversed": [[rows + 8, rows], [0, rows + 8]],
+        "negative": [[-rows, 0]],
+        "overlapping": [[0, rows - 4], [rows - 8, rows - 4]],
+    }[damage]
+    (adapter / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(AlpsError, match="row ranges"):
+        load_adapter(copy.deepcopy(base), adapter)
+    assert main(["merge", "--base", str(root / "base"), "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "row ranges" in err[0]
+    assert not (tmp_path / "m").exists()
 
 
 def test_merge_into_sharded_checkpoint_equals_merge_and_copies_untouched_shards(trained, tmp_path):

@@ -66,8 +66,9 @@ def damaged_adapter_meta(draw, valid: dict):
     for key in draw(st.sets(st.sampled_from(sorted(d)), max_size=2)):
         d[key] = draw(json_values)
     mods = d.get("modules")
-    if isinstance(mods, list) and mods and isinstance(mods[0], dict):
-        m = mods[draw(st.integers(0, len(mods) - 1))]
+    modules = [m for m in mods if isinstance(m, dict) and m] if isinstance(mods, list) else []
+    if modules:  # a replaced "modules" list may hold any JSON; damage one of its objects
+        m = modules[draw(st.integers(0, len(modules) - 1))]
         for key in draw(st.sets(st.sampled_from(sorted(m)), min_size=1, max_size=2)):
             m[key] = draw(json_values | st.lists(st.lists(st.integers(-5, 10**6), max_size=3), max_size=3))
     if draw(st.booleans()):

@@ -17,8 +17,9 @@ from typing import Any
 from alps_ds.arch import AttentionSpec, read_config
 from alps_ds.choose import count_for_ratio
 from alps_ds.errors import AlpsError
-from alps_ds.layout import KVPolicy, matches_train_others, trainable_rows
+from alps_ds.layout import KVPolicy, matches_train_others
 from alps_ds.parallel.mapping import balanced_split
+from alps_ds.parallel.mapping import plan as parallel_plan
 
 GiB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -135,43 +136,23 @@ def worst_case_heads(spec: AttentionSpec, k: int, *, layers: Iterable[int] | Non
     return sorted(pool[:k])
 
 
-def _block_group(spec: AttentionSpec, module: str, start: int) -> int:
-    """KV group of the hd-row block starting at ``start`` in ``module`` (q rows map through their head)."""
-    n, g, hd, m = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.group_size
-    block = start // hd
-    if spec.layout == "neox":
-        return block // 3
-    if spec.layout == "fused":
-        if block < n:
-            return block // m
-        return (block - n) % g
-    return block // m if module == "q_proj" else block
-
-
-def slice_elements(
+def rank_elements(
     spec: AttentionSpec, heads: Sequence[Head], kv: KVPolicy = "group", *, tp: int = 1
-) -> dict[tuple[str, int], int]:
-    """(module path, tp rank) -> trainable slice elements (weight rows x d, plus bias entries)."""
-    groups = balanced_split(spec.num_kv_heads, tp)
-    rank_of = {j: t for t, r in enumerate(groups) for j in r}
-    per_row = spec.hidden_size + (1 if spec.qkv_bias else 0)
-    out: dict[tuple[str, int], int] = {}
-    hd = spec.head_dim
-    for mr in trainable_rows(spec, heads, kv):
-        path = spec.module_path(mr.layer, mr.module)
-        for a, b in mr.ranges:
-            for start in range(a, b, hd):
-                key = (path, rank_of[_block_group(spec, mr.module, start)])
-                out[key] = out.get(key, 0) + min(hd, b - start) * per_row
+) -> dict[tuple[int, int], int]:
+    """(layer, tp rank) -> trainable slice elements with Q/K/V split over ``tp`` ranks the DeepSpeed
+    AutoTP way (whole kv groups; :func:`alps_ds.parallel.mapping.plan`, layout ``autotp``). A rank's
+    count depends only on the kv groups it holds, so this serves the fused and neox families too."""
+    grid = parallel_plan(spec, heads, tp=tp, layout="autotp", kv=kv)
+    out: dict[tuple[int, int], int] = {}
+    for e in grid.entries:
+        out[(e.layer, e.tp_rank)] = out.get((e.layer, e.tp_rank), 0) + grid.elements(e)
     return out
 
 
 def module_elements(spec: AttentionSpec, heads: Sequence[Head], kv: KVPolicy = "group") -> dict[str, int]:
     """Q/K/V module path -> trainable slice elements of ``heads`` in the unsharded model."""
-    out: dict[str, int] = {}
-    for (path, _), v in slice_elements(spec, heads, kv).items():
-        out[path] = out.get(path, 0) + v
-    return out
+    grid = parallel_plan(spec, heads, kv=kv)
+    return {spec.module_path(e.layer, e.module): grid.elements(e) for e in grid.entries}
 
 
 def train_others_params(params: dict[str, int], spec: AttentionSpec, patterns: Sequence[str]) -> set[str]:
@@ -418,10 +399,10 @@ def make_plan(
     for s in range(par.pp):
         for t in range(par.tp):
             chosen = heads if heads is not None else worst_case_heads(spec, k, layers=stages[s], groups=tp_groups[t])
-            sl = slice_elements(spec, chosen, kv, tp=par.tp)
+            per_rank = rank_elements(spec, chosen, kv, tp=par.tp)
             if (s, t) == (0, 0):
                 per_module = module_elements(spec, chosen, kv)
-            mine = sum(v for (path, rank), v in sl.items() if rank == t and stage_of(path) == s)
+            mine = sum(v for (layer, rank), v in per_rank.items() if rank == t and layer in stages[s])
             trainable = mine + stage_others[s] // par.tp
             frozen = (stage_params[s] - stage_others[s]) // par.tp
             acts = activation_bytes(cfg, spec, len(stages[s]), s == par.pp - 1, act, par.tp, par.pp, wbytes)

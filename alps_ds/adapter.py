@@ -33,8 +33,6 @@ FORMAT = "alps-ds/adapter"
 VERSION = 1
 JSON_NAME = "adapter.json"
 TENSORS_NAME = "adapter.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -227,20 +225,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
 
 def _shard_map(base: Path) -> dict[str, str]:
     """Tensor name -> shard file name of a HF safetensors checkpoint (sharded or single)."""
-    index = base / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise AlpsError(f"{index}: unreadable index ({e}); re-save the base checkpoint") from e
-        return dict(weight_map)
-    single = base / SINGLE_NAME
-    if single.is_file():
-        from safetensors import safe_open
+    from alps_ds.localize.reader import INDEX_FILE, SINGLE_FILE, read_header, read_index
 
-        with safe_open(str(single), "pt") as f:
-            return dict.fromkeys(f.keys(), SINGLE_NAME)
-    raise AlpsError(f"{base}: no {INDEX_NAME} or {SINGLE_NAME}; point --base to a safetensors HF checkpoint")
+    if (base / INDEX_FILE).is_file():
+        return read_index(base / INDEX_FILE)
+    if (base / SINGLE_FILE).is_file():
+        return dict.fromkeys(read_header(base / SINGLE_FILE), SINGLE_FILE)
+    raise AlpsError(f"{base}: no {INDEX_FILE} or {SINGLE_FILE}; point --base to a safetensors HF checkpoint")
 
 
 def merge_adapter_into_checkpoint(

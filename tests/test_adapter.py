@@ -144,6 +144,23 @@ def test_cli_merge_and_errors(trained, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_merge_refuses_a_damaged_base_with_one_line(trained, tmp_path, capsys):
+    root, base, *_ = trained
+    single = tmp_path / "single"  # a single-file checkpoint whose safetensors file is garbage
+    save_model(base, single)
+    (single / "model.safetensors").write_bytes(b"not a safetensors file")
+    listed = tmp_path / "listed"  # a shard index whose weight_map is not an object
+    shutil.copytree(root / "base", listed)
+    (listed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model-00001.safetensors"]}))
+    capsys.readouterr()  # save_model's progress bar
+    for damaged, words in ((single, "unreadable safetensors shard"), (listed, "unreadable shard index")):
+        out = tmp_path / f"out-{damaged.name}"
+        assert main(["merge", "--base", str(damaged), "--adapter", str(root / "adapter"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+        assert not out.exists()
+
+
 def test_adapter_for_another_model_is_refused(trained, tmp_path):
     root, *_ = trained
     cfg = tiny_config("qwen2", layers=2, hidden=64, heads=4, kv_heads=2, vocab=96)

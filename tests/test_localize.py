@@ -283,6 +283,12 @@ def _broken_checkpoints(pairs, root: Path) -> dict[str, tuple[Path, Path, str]]:
     (split / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (split / "model-00002-of-00002.safetensors").unlink()
     cases["missing-shard"] = (base, split, "shard file is missing")
+    not_names = root / "index-not-names"  # an index whose shard file names are not strings
+    shutil.copytree(split, not_names)
+    index = json.loads((not_names / "model.safetensors.index.json").read_text())
+    index["weight_map"][q1] = 5
+    (not_names / "model.safetensors.index.json").write_text(json.dumps(index))
+    cases["index-not-names"] = (base, not_names, "unreadable shard index")
     cases["int8"] = (base, variant("int8", lambda t: t.__setitem__(q1, t[q1].to(torch.int8))), "dtype I8")
     trunc = root / "trunc"
     shutil.copytree(task, trunc)

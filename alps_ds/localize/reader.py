@@ -64,7 +64,7 @@ def resolve_model_dir(name: str) -> Path:
         local = Path(snapshot_download(name, allow_patterns=["config.json", INDEX_FILE]))
         if (local / INDEX_FILE).is_file():
             spec = AttentionSpec.from_pretrained(local)
-            index = _read_index(local / INDEX_FILE)
+            index = read_index(local / INDEX_FILE)
             wanted = {f"{spec.module_path(layer, m)}.weight" for layer in range(spec.num_layers) for m in spec.modules}
             shards = sorted({index[t] for t in wanted if t in index})
             local = Path(snapshot_download(name, allow_patterns=["config.json", INDEX_FILE, *shards]))
@@ -80,12 +80,13 @@ def resolve_model_dir(name: str) -> Path:
     return local
 
 
-def _read_index(path: Path) -> dict[str, str]:
+def read_index(path: Path) -> dict[str, str]:
+    """Tensor name -> shard file name from a Hugging Face shard index; errors name the file."""
     try:
         data = json.loads(path.read_text())
         weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not an object of shard file names")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise AlpsError(f"{path}: unreadable shard index ({e}); re-save the model with save_pretrained") from e
     return weight_map
@@ -153,7 +154,7 @@ class CheckpointReader:
         """Map every needed tensor name to its shard and byte range, reading headers only."""
         index_path, single = self.dir / INDEX_FILE, self.dir / SINGLE_FILE
         if index_path.is_file():
-            index = _read_index(index_path)
+            index = read_index(index_path)
         elif single.is_file():
             index = None
         else:
@@ -198,7 +199,7 @@ class CheckpointReader:
         checkpoint cannot run code. Memory: one shard at a time, keeping only the Q/K/V weights.
         """
         index = self.dir / PICKLE_INDEX_FILE
-        files = sorted(set(_read_index(index).values())) if index.is_file() else [PICKLE_FILE]
+        files = sorted(set(read_index(index).values())) if index.is_file() else [PICKLE_FILE]
         wanted = {f"{self.spec.module_path(layer, m)}.weight": m for layer in range(self.spec.num_layers)
                   for m in self.spec.modules}  # fmt: skip
         codes = {dtype: code for code, dtype in _DTYPES.items()}

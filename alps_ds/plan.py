@@ -304,28 +304,30 @@ def activation_bytes(
     cfg: dict[str, Any],
     spec: AttentionSpec,
     layers: int,
-    last_stage: bool,
     act: Activation,
-    tp: int,
-    pp: int,
-    wbytes: int,
+    *,
+    stage: int = 0,
+    pp: int = 1,
+    tp: int = 1,
+    wbytes: int = 2,
 ) -> int:
-    """Estimate of activation memory on one rank (see docs/plan.md; not validated against an engine).
+    """Estimate of activation memory on a rank of pipeline ``stage`` holding ``layers`` layers (see
+    docs/plan.md; not validated against an engine).
 
-    Per token and layer a decoder layer keeps about 4d + (n + 2g)hd + 2n*hd + 4I 16-bit values for
-    backward with a fused (flash) attention kernel; the attention and MLP parts split over TP. With
-    checkpointing only each layer's input (d values) stays, plus one layer recomputed at a time.
-    The last stage also holds the logits (16-bit) and their fp32 copy for the loss. 1F1B pipelining
-    keeps up to ``pp`` micro-batches in flight on the first stage.
+    Per token and layer a decoder layer keeps about 4d + (n + 2g)hd + 2n*hd + 4I values of ``wbytes``
+    for backward with a fused (flash) attention kernel; the attention and MLP parts split over TP.
+    With checkpointing only each layer's input (d values) stays, plus one layer recomputed at a
+    time. 1F1B pipelining keeps ``pp - stage`` micro-batches in flight on ``stage`` (all ``pp`` on
+    the first, one on the last); the recomputed layer is one at a time however many are in flight.
+    The last stage also holds the logits and their fp32 copy for the loss.
     """
     d, n, g, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
     inter = cfg["intermediate_size"]
     tokens = act.seq_len * act.micro_batch
     full_layer = 4 * d + ((n + 2 * g) * hd + 2 * n * hd + 4 * inter) // tp
-    per_layer = d if act.checkpointing else full_layer
-    values = tokens * (layers * per_layer + (full_layer if act.checkpointing else 0)) * pp
-    total = values * wbytes
-    if last_stage:
+    kept = layers * (d if act.checkpointing else full_layer) * (pp - stage)
+    total = tokens * (kept + (full_layer if act.checkpointing else 0)) * wbytes
+    if stage == pp - 1:
         total += tokens * (cfg["vocab_size"] // tp) * (wbytes + 4)
     return total
 
@@ -395,6 +397,10 @@ def make_plan(
             layer_params[layer] = layer_params.get(layer, 0) + numel
     largest_layer = max(layer_params.values(), default=0)
     zero3 = 2 * largest_layer // par.tp * wbytes  # one layer gathered plus one prefetched
+    acts = [
+        activation_bytes(cfg, spec, len(stages[s]), act, stage=s, pp=par.pp, tp=par.tp, wbytes=wbytes)
+        for s in range(par.pp)
+    ]
     rows: list[Memory] = []
     for s in range(par.pp):
         for t in range(par.tp):
@@ -405,20 +411,26 @@ def make_plan(
             mine = sum(v for (layer, rank), v in per_rank.items() if rank == t and layer in stages[s])
             trainable = mine + stage_others[s] // par.tp
             frozen = (stage_params[s] - stage_others[s]) // par.tp
-            acts = activation_bytes(cfg, spec, len(stages[s]), s == par.pp - 1, act, par.tp, par.pp, wbytes)
-            mem = _state_bytes("alps", trainable, frozen, par, wbytes, zero3, acts)
+            mem = _state_bytes("alps", trainable, frozen, par, wbytes, zero3, acts[s])
             if best is None or mem.total > best.total:
                 best = mem
     assert best is not None
     rows.append(best)
 
-    # Full fine-tuning and LoRA on the same most-loaded stage.
-    worst_stage = max(range(par.pp), key=lambda s: stage_params[s])
-    stage_total = stage_params[worst_stage] // par.tp
-    acts = activation_bytes(cfg, spec, len(stages[worst_stage]), worst_stage == par.pp - 1, act, par.tp, par.pp, wbytes)
-    rows.append(_state_bytes("full fine-tuning", stage_total, 0, par, wbytes, zero3, acts))
-    lora = len(stages[worst_stage]) * lora_elements(spec, lora_rank) // par.tp
-    rows.append(_state_bytes(f"LoRA r={lora_rank} on Q/K/V", lora, stage_total, par, wbytes, zero3, acts))
+    # Full fine-tuning and LoRA, each on its own most loaded stage.
+    def most_loaded(name: str, trained, frozen) -> Memory:
+        per_stage = (_state_bytes(name, trained(s), frozen(s), par, wbytes, zero3, acts[s]) for s in range(par.pp))
+        return max(per_stage, key=lambda mem: mem.total)
+
+    rows.append(most_loaded("full fine-tuning", lambda s: stage_params[s] // par.tp, lambda s: 0))
+    lora = lora_elements(spec, lora_rank)
+    rows.append(
+        most_loaded(
+            f"LoRA r={lora_rank} on Q/K/V",
+            lambda s: len(stages[s]) * lora // par.tp,
+            lambda s: stage_params[s] // par.tp,
+        )
+    )
     return Plan(
         model_type=spec.model_type,
         total_params=total,

@@ -14,7 +14,15 @@ from alps_ds.arch import AttentionSpec
 from alps_ds.choose import random_heads
 from alps_ds.cli import main
 from alps_ds.errors import AlpsError
-from alps_ds.plan import Parallel, count_parameters, make_plan, module_elements, worst_case_heads
+from alps_ds.plan import (
+    Activation,
+    Parallel,
+    activation_bytes,
+    count_parameters,
+    make_plan,
+    module_elements,
+    worst_case_heads,
+)
 from alps_ds.selection import HeadSelection, Provenance
 from alps_ds.sparse import apply, hooked_modules
 from alps_ds.tiny import build_model, save_model, tiny_config
@@ -129,6 +137,21 @@ def test_train_others_and_bad_patterns():
     assert mlp - base == sum(v for k, v in params.items() if ".mlp." in k)
     with pytest.raises(AlpsError, match="matches no parameter"):
         make_plan(cfg, train_others=["nonexistent_module"])
+
+
+def test_pipeline_activations_follow_1f1b(spec70):
+    """1F1B: stage s of P keeps P - s micro-batches of checkpointed layer inputs but recomputes one layer
+    at a time; the last stage keeps one micro-batch (plus the logits), like a run without pipelining."""
+    cfg = llama_70b().to_dict()
+    act = Activation(seq_len=4096, micro_batch=1, checkpointing=True)
+
+    def stage(s: int) -> int:
+        return activation_bytes(cfg, spec70, 20, act, stage=s, pp=4)
+
+    layer_inputs = 4096 * 20 * 8192 * 2  # one micro-batch's checkpoints of 20 layers, bf16
+    assert stage(3) == activation_bytes(cfg, spec70, 20, act)
+    assert stage(2) - stage(3) + 4096 * 128256 * 6 == layer_inputs  # the last stage adds the logits
+    assert stage(0) - stage(1) == stage(1) - stage(2) == layer_inputs
 
 
 # ---- against a real engine ---------------------------------------------------------------------------

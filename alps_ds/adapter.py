@@ -261,6 +261,13 @@ def merge_adapter_into_checkpoint(
             if key not in shard_of:
                 raise AlpsError(f"{base}: checkpoint has no tensor {key}; adapter made for another model layout")
             edits.setdefault(shard_of[key], {})[key] = (m.ranges, adapter.tensors[key])
+    # Shards are matched by name while copying: one that is not there would leave its rows unmerged.
+    missing = sorted(set(edits) - {entry.name for entry in base.iterdir() if entry.is_file()})
+    if missing:
+        raise AlpsError(
+            f"{base}: shard {missing[0]} (holding {next(iter(edits[missing[0]]))}) is missing; "
+            "copy the complete checkpoint"
+        )
     try:
         with atomic_dir(out) as tmp:
             entries = sorted(base.iterdir())
@@ -276,7 +283,9 @@ def merge_adapter_into_checkpoint(
                     metadata = f.metadata()
                     tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
                 for key, (ranges, rows) in edits[entry.name].items():
-                    t = tensors[key]
+                    t = tensors.get(key)
+                    if t is None:
+                        raise AlpsError(f"{entry}: no tensor {key}, though the index puts it here; re-save the base")
                     if t.shape[0] < ranges[-1][1] or (t.dim() == 2 and t.shape[1] != rows.shape[1]):
                         raise AlpsError(f"{entry}: tensor {key} {tuple(t.shape)} does not fit the adapter rows")
                     tensors[key] = t.index_copy(0, row_index(ranges), rows.to(t.dtype))

@@ -152,12 +152,27 @@ def test_merge_refuses_a_damaged_base_with_one_line(trained, tmp_path, capsys):
     listed = tmp_path / "listed"  # a shard index whose weight_map is not an object
     shutil.copytree(root / "base", listed)
     (listed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model-00001.safetensors"]}))
+    index = json.loads((root / "base" / "model.safetensors.index.json").read_text())
+    q0 = "model.layers.0.self_attn.q_proj.weight"  # adapted: the fixture selects head (0, 0)
+    lost = tmp_path / "lost"  # the shard holding an adapted tensor is gone: merged nothing, exit 0
+    shutil.copytree(root / "base", lost)
+    (lost / index["weight_map"][q0]).unlink()
+    lying = tmp_path / "lying"  # the index puts an adapted tensor in a shard that does not hold it
+    shutil.copytree(root / "base", lying)
+    index["weight_map"][q0] = next(s for k, s in index["weight_map"].items() if s != index["weight_map"][q0])
+    (lying / "model.safetensors.index.json").write_text(json.dumps(index))
     capsys.readouterr()  # save_model's progress bar
-    for damaged, words in ((single, "unreadable safetensors shard"), (listed, "unreadable shard index")):
+    for damaged, words in (
+        (single, "unreadable safetensors shard"),
+        (listed, "unreadable shard index"),
+        (lost, "is missing"),
+        (lying, f"no tensor {q0}"),
+    ):
         out = tmp_path / f"out-{damaged.name}"
         assert main(["merge", "--base", str(damaged), "--adapter", str(root / "adapter"), "--out", str(out)]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and words in err[0], err
+        err = capsys.readouterr().err  # after merge's progress bar, when it got that far
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("alps-ds: error: "), err
+        assert words in err.strip().splitlines()[-1], err
         assert not out.exists()
 
 

@@ -278,3 +278,53 @@ def test_launch_stops_before_launching_on_failed_check(hostfile, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 1 and "FAIL world size" in err and "nothing was launched" in err
     assert not marker.exists()
+
+
+def test_launch_preflight_reads_train_set_overrides(tmp_path, capsys):
+    """``--set`` after '--' changes what train runs, so the pre-flight checks the overridden run config."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    code = main(["launch", "--tp", "3", "--", "--config", "configs/tiny.yaml", "--set", f"output.dir={a_file}/out"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"FAIL output dir: {a_file} is a file" in err
+
+
+@pytest.mark.parametrize(
+    ("deepspeed", "planned"),
+    [
+        (None, (2, False, "fp32")),  # train's default DeepSpeed config: ZeRO-2, fp32
+        (
+            {"zero_optimization": {"offload_optimizer": {"device": "none"}}, "bf16": {"enabled": False}},
+            (0, False, "fp32"),
+        ),
+        ("configs/ds_zero3_offload.json", (3, True, "bf16")),
+    ],
+)
+def test_check_plans_memory_for_what_the_run_config_trains(model_dir, capsys, deepspeed, planned):
+    """The memory check plans the job train will run: data.max_length x train.micro_batch, its activation
+    checkpointing, and the ZeRO stage (0 when the DS config has none), precision and offload as train reads them."""
+    from alps_ds.plan import Activation, Parallel, load_config, make_plan
+
+    run = {
+        "model": {"path": str(model_dir / "m")},
+        "selection": {"heads": str(model_dir / "heads.json")},
+        "data": {"datasets": [{"path": "configs/data/tiny.jsonl"}], "max_length": 200},
+        "train": {"micro_batch": 3, "batch": 6, "gradient_checkpointing": False},
+        "deepspeed": deepspeed,
+        "output": {"dir": str(model_dir / "out")},
+    }
+    (model_dir / "run.yaml").write_text(json.dumps(run))  # JSON is YAML
+    assert main(["check", "--config", str(model_dir / "run.yaml"), "--world-size", "2", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    zero, offload, dtype = planned
+    plan = make_plan(
+        load_config(str(model_dir / "m")),
+        heads=[(0, 0), (0, 1), (1, 0)],
+        parallel=Parallel(dp=2, zero=zero, offload=offload),
+        activation=Activation(seq_len=200, micro_batch=3, checkpointing=False),
+        dtype=dtype,
+        gpu_mem_gib=80,
+    )
+    offloaded = " + offload" if offload else ""
+    want = f"{plan.verdict(plan.rows[0])} per GPU, ZeRO-{zero}{offloaded}, {dtype}, seq 200 x micro batch 3"
+    assert f"OK   memory: {want}, checkpointing off" in out

@@ -24,12 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_check_arguments(parser)
 
 
-def load_run(path: str | None):
-    if not path:
+def load_run(path: str | None, overrides: list[str] | tuple[str, ...] = ()):
+    """The train run config at ``path`` with ``--set`` ``overrides`` applied; None when neither is given."""
+    if not path and not overrides:
         return None
     from alps_ds.train.config import load_config
 
-    return load_config(path)
+    return load_config(path, overrides)
 
 
 def report(findings, notes=()) -> bool:

@@ -56,13 +56,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_ARGS", help="alps-ds train arguments")
 
 
-def _train_config(train_args: list[str]) -> str | None:
-    for i, a in enumerate(train_args):
-        if a == "--config" and i + 1 < len(train_args):
-            return train_args[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return None
+def _train_args(args: argparse.Namespace) -> list[str]:
+    """What every rank passes to ``alps-ds train`` (or ``--script``): the arguments after ``--``."""
+    train_args = list(args.train_args)
+    return train_args[1:] if train_args[:1] == ["--"] else train_args
+
+
+def _run_config(train_args: list[str]):
+    """The run config ``alps-ds train <train_args>`` will load (its ``--config`` and ``--set``, read with
+    train's own options), or None when neither is given."""
+    from alps_ds.commands import train
+    from alps_ds.commands.check import load_run
+
+    parser = argparse.ArgumentParser(prog="alps-ds train", add_help=False, exit_on_error=False)
+    train.add_arguments(parser)
+    try:
+        known, _ = parser.parse_known_args(train_args)
+    except argparse.ArgumentError as e:
+        raise AlpsError(f"train arguments after '--': {e}") from None
+    if known.config is None and not known.overrides:
+        return None
+    return load_run(known.config, known.overrides)
 
 
 def plan_commands(args: argparse.Namespace, env=os.environ):
@@ -70,9 +84,7 @@ def plan_commands(args: argparse.Namespace, env=os.environ):
     from alps_ds.launcher import build
     from alps_ds.launcher import hosts as hostmod
 
-    train_args = list(args.train_args)
-    if train_args[:1] == ["--"]:
-        train_args = train_args[1:]
+    train_args = _train_args(args)
     entry = build.Entry.of_script(args.script, train_args) if args.script else build.Entry.train(train_args)
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise AlpsError("--nproc-per-node must be at least 1")
@@ -157,7 +169,7 @@ def _mine(cmds, node_rank):
 
 
 def run(args: argparse.Namespace) -> int:
-    from alps_ds.commands.check import load_run, report
+    from alps_ds.commands.check import report
     from alps_ds.launcher.preflight import inputs_from_args, run_checks
 
     cmds, hosts, node_rank, world, master_addr, notes = plan_commands(args)
@@ -171,8 +183,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     mine = _mine(cmds, node_rank)
     if not args.skip_check:
-        train_args = [a for a in args.train_args if a != "--"]
-        config = None if args.script else _train_config(train_args)
         # Only the master node binds the rendezvous port; other nodes would see it taken.
         master_here = node_rank in (None, 0)
         inp = inputs_from_args(
@@ -180,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
             world_size=world,
             master_addr=master_addr,
             master_port=args.master_port if master_here and not args.mpi else None,
-            run=load_run(config),
+            run=None if args.script else _run_config(_train_args(args)),
         )
         if not report(run_checks(inp), inp.notes):
             print("alps-ds: error: pre-flight checks failed; nothing was launched", file=sys.stderr)

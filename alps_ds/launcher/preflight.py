@@ -43,6 +43,7 @@ class CheckInputs:
     layout: str | None = None  # tensor-parallel layout (alps_ds.parallel.mapping); None: the model's own
     zero: int = 2
     offload: bool = False
+    dtype: str = "bf16"  # weights and gradients: bf16, fp16 or fp32 (alps_ds.plan.DTYPE_BYTES)
     gpu_mem_gib: float | None = None
     headroom: float = 0.1
     seq_len: int = 4096
@@ -228,6 +229,7 @@ def _memory_check(inp: CheckInputs, cfg, heads, add) -> None:
             train_others=inp.train_others,
             parallel=Parallel(inp.tp, inp.pp, inp.world_size // (inp.tp * inp.pp), inp.zero, inp.offload),
             activation=Activation(inp.seq_len, inp.micro_batch, inp.checkpointing),
+            dtype=inp.dtype,
             gpu_mem_gib=inp.gpu_mem_gib,
             headroom=inp.headroom,
         )
@@ -236,7 +238,10 @@ def _memory_check(inp: CheckInputs, cfg, heads, add) -> None:
         return
     alps = plan.rows[0]
     fits = alps.total <= plan.usable
-    detail = plan.verdict(alps) + f" per GPU, ZeRO-{inp.zero}"
+    detail = (
+        f"{plan.verdict(alps)} per GPU, ZeRO-{inp.zero}{' + offload' if inp.offload else ''}, {inp.dtype}, "
+        f"seq {inp.seq_len} x micro batch {inp.micro_batch}, checkpointing {'on' if inp.checkpointing else 'off'}"
+    )
     if not fits:
         detail += (
             f"; non-activation {alps.non_activation / GiB:.1f} GiB: try ZeRO-3, --offload, more GPUs or checkpointing"
@@ -260,8 +265,10 @@ def add_check_arguments(parser) -> None:
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage for the memory plan (default: YAML, 2)")
     g.add_argument("--offload", action="store_true", help="plan with ZeRO optimizer offload")
     g.add_argument("--gpu-mem", type=float, metavar="GIB", help="GPU memory in GiB; enables the memory check")
-    g.add_argument("--seq-len", type=int, default=4096, help="sequence length for the activation estimate")
-    g.add_argument("--micro-batch", type=int, default=1, help="micro batch for the activation estimate")
+    g.add_argument(
+        "--seq-len", type=int, help="sequence length for the activation estimate (default: YAML data.max_length, 4096)"
+    )
+    g.add_argument("--micro-batch", type=int, help="micro batch for the activation estimate (default: YAML, 1)")
     g.add_argument("--output-dir", metavar="DIR", help="where the job writes (default: from the run YAML)")
     g.add_argument("--max-imbalance", type=float, help="fail when max/mean trainable elements over ranks exceeds it")
 
@@ -281,21 +288,27 @@ def inputs_from_args(
         zero=args.zero if args.zero is not None else 2,
         offload=args.offload,
         gpu_mem_gib=args.gpu_mem,
-        seq_len=args.seq_len,
-        micro_batch=args.micro_batch,
+        seq_len=args.seq_len if args.seq_len is not None else 4096,
+        micro_batch=args.micro_batch if args.micro_batch is not None else 1,
         output_dir=args.output_dir,
         master_addr=master_addr,
         master_port=master_port,
         max_imbalance=args.max_imbalance,
     )
     if run is not None:
-        _fill_from_run(inp, run, zero_given=args.zero is not None, ratio_given=args.ratio is not None)
+        given = {name for name in ("zero", "ratio", "seq_len", "micro_batch") if getattr(args, name) is not None}
+        _fill_from_run(inp, run, given)
     return inp
 
 
-def _fill_from_run(inp: CheckInputs, run, *, zero_given: bool, ratio_given: bool) -> None:
-    """Take what the run YAML says (``alps_ds.train.config.RunConfig``) where no option overrides it."""
+def _fill_from_run(inp: CheckInputs, run, given: set[str]) -> None:
+    """Take what the run config (``alps_ds.train.config.RunConfig``) says where no option in ``given``
+    overrides it: the shapes the job will train with, and its DeepSpeed config read as train reads it."""
     import json
+
+    import torch
+
+    from alps_ds.train.engine_config import DEFAULT_DS_CONFIG, train_dtype, zero_stage
 
     path = run.model.path or ""
     if inp.model is None and path and not path.startswith("tiny:"):
@@ -308,13 +321,22 @@ def _fill_from_run(inp: CheckInputs, run, *, zero_given: bool, ratio_given: bool
         inp.output_dir = run.output.dir
     inp.kv = run.kv
     inp.train_others = tuple(run.train_others)
-    if not ratio_given:
+    if "ratio" not in given:
         inp.ratio = run.selection.ratio
+    if "seq_len" not in given:
+        inp.seq_len = run.data.max_length
+    if "micro_batch" not in given:
+        inp.micro_batch = run.train.micro_batch
+    inp.checkpointing = run.train.gradient_checkpointing
     ds = run.deepspeed
-    if not zero_given and ds is not None:
-        try:
-            ds = json.loads(Path(ds).read_text()) if isinstance(ds, str) else ds
-            inp.zero = int(ds.get("zero_optimization", {}).get("stage", inp.zero))
-            inp.offload = inp.offload or bool(ds.get("zero_optimization", {}).get("offload_optimizer"))
-        except (OSError, ValueError, AttributeError):
-            inp.notes.append(f"deepspeed config {run.deepspeed!r} unreadable here; planned with ZeRO-{inp.zero}")
+    try:
+        ds = DEFAULT_DS_CONFIG if ds is None else json.loads(Path(ds).read_text()) if isinstance(ds, str) else ds
+        if "zero" not in given:
+            inp.zero = zero_stage(ds)
+        offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+        inp.offload = inp.offload or offload.get("device") in ("cpu", "nvme")
+        inp.dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(train_dtype(ds), "fp32")
+    except (OSError, ValueError, AttributeError, TypeError):
+        inp.notes.append(
+            f"deepspeed config {run.deepspeed!r} unreadable here; planned with ZeRO-{inp.zero}, {inp.dtype}"
+        )

@@ -336,6 +336,21 @@ def test_cli_errors_are_one_line_and_leave_outputs_untouched(pairs, tmp_path, ca
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before, name
 
 
+def test_cli_unwritable_out_is_one_line(pairs, tmp_path, capsys):
+    _, base, task = pairs["llama-gqa"]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    taken = tmp_path / "taken"
+    (taken / "heads.json").mkdir(parents=True)  # a file cannot be renamed over a folder
+    for out, words in ((blocker / "sub", "a-file is a file, not a folder"), (taken, "cannot write")):
+        code, _, stderr = _run(capsys, "--base", base, "--task", task, "--out", out)
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("alps-ds: error: --out"), stderr
+        assert words in lines[0], lines[0]
+    assert blocker.read_text() == "not a folder"
+    assert [p.name for p in taken.iterdir()] == ["heads.json"] and (taken / "heads.json").is_dir()
+
+
 def test_cli_progress_bar_over_layers(pairs, tmp_path, capsys):
     _, base, task = pairs["gemma"]
     out = tmp_path / "bar"

@@ -104,8 +104,11 @@ def run(args: argparse.Namespace) -> int:
 
     method = _validate(args)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise AlpsError(f"--out {out}: exists and is not a folder; pick another path")
+    # Before scoring (minutes on a large model): DIR, or the first of its parents that exists, must be a folder.
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        what = "exists and is not a folder" if existing == out else f"{existing} is a file, not a folder"
+        raise AlpsError(f"--out {out}: {what}; pick another path")
     result = localize_scores(
         args.base,
         args.task,
@@ -140,8 +143,11 @@ def run(args: argparse.Namespace) -> int:
     csv = _scores_csv(scores)
     title = f"{Path(str(args.task)).name} vs {Path(str(args.base)).name}: {args.metric}, {args.head_repr}"
     png = render_heatmap([Panel(title, L, n, scores, sel.heads)])
-    atomic_write_text(out / "heads.json", heads_json)
-    atomic_write_text(out / "scores.csv", csv)
-    atomic_write_bytes(out / "heatmap.png", png)
+    try:
+        atomic_write_text(out / "heads.json", heads_json)
+        atomic_write_text(out / "scores.csv", csv)
+        atomic_write_bytes(out / "heatmap.png", png)
+    except OSError as e:  # read-only, full disk: each file is either the old one or the new one
+        raise AlpsError(f"--out {out}: cannot write ({e.strerror or e}); pick a writable folder") from e
     print(_summary(sel, scores, result, out))
     return 0

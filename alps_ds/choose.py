@@ -68,7 +68,8 @@ def parse_heads(text: str, num_layers: int | None = None, num_heads: int | None 
     heads: list[Head] = []
     for item in filter(None, (t.strip() for t in text.split(","))):
         parts = item.split(":")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        # isdecimal, not isdigit: int() rejects digits such as '²' that isdigit accepts.
+        if len(parts) != 2 or not all(p.strip().isdecimal() for p in parts):
             raise AlpsError(f"--heads: {item!r} is not LAYER:HEAD; write e.g. --heads 3:5,7:0 (0-based)")
         layer, h = int(parts[0]), int(parts[1])
         if num_layers is not None and num_heads is not None and not (layer < num_layers and h < num_heads):

@@ -78,7 +78,7 @@ def test_choose_dispatch():
 def test_parse_heads():
     assert parse_heads("3:5, 0:1,") == [(0, 1), (3, 5)]
     assert parse_heads("1:2", 2, 3) == [(1, 2)]
-    for bad in ("3-5", "a:1", "1:2:3", "-1:2"):
+    for bad in ("3-5", "a:1", "1:2:3", "-1:2", "1:²"):
         with pytest.raises(AlpsError, match="not LAYER:HEAD"):
             parse_heads(bad)
     with pytest.raises(AlpsError, match="outside the model"):

@@ -3,6 +3,7 @@ that stop a launch before anything starts."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import socket
@@ -181,6 +182,10 @@ def test_discovery_under_real_mpirun():
     assert [i["rank"] for i in infos] == [0, 1] and {i["world_size"] for i in infos} == {2}
     assert sorted(i["local_rank"] for i in infos) == [0, 1]
     assert infos[0]["source"].endswith("+mpi4py") and infos[0]["master_addr"] == infos[1]["master_addr"]
+    # Rank 0's address is what ranks on other nodes dial: never a loopback one (this VM's /etc/hosts maps
+    # its hostname to 127.0.0.1, as Debian's maps it to 127.0.1.1); the hostname when nothing else resolves.
+    addr = infos[0]["master_addr"]
+    assert addr == socket.gethostname() or not ipaddress.ip_address(addr).is_loopback
 
 
 # ---- pre-flight ----------------------------------------------------------------------------------------

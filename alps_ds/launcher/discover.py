@@ -71,12 +71,15 @@ def from_env(env: Mapping[str, str]) -> tuple[str, int, int | None, int | None, 
 
 
 def _own_address() -> str:
-    """This node's address as other nodes should dial it: its resolved hostname, else the hostname."""
+    """This node's address as other nodes should dial it: a non-loopback IPv4 address its hostname
+    resolves to, else the hostname itself (Debian-style /etc/hosts maps it to 127.0.1.1, which would
+    send every other node to itself; they resolve the name through DNS instead)."""
     name = socket.gethostname()
     try:
-        return socket.gethostbyname(name)
+        addresses = [info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)]
     except OSError:
-        return name
+        addresses = []
+    return next((a for a in addresses if not a.startswith("127.")), name)
 
 
 def discover(env: Mapping[str, str] | None = None, *, use_mpi: bool | None = None) -> RankInfo:

@@ -179,10 +179,12 @@ def test_errors_are_one_line_alps_errors():
     other = tiny_config("llama", layers=3, hidden=64, heads=4, kv_heads=2, vocab=96)
     with pytest.raises(AlpsError, match="num_layers: 2 != 3"):
         apply(build_model(other), sel)
+    refused = copy.deepcopy(base)
     with pytest.raises(AlpsError, match="match no parameter"):
-        apply(copy.deepcopy(base), sel, train_others=("mlpp",))
+        apply(refused, sel, train_others=("mlpp",))
     with pytest.raises(AlpsError, match="kv policy"):
-        apply(copy.deepcopy(base), sel, kv="all")
+        apply(refused, sel, kv="all")
+    assert all(p.requires_grad for p in refused.parameters()), "a refused apply must leave the model as it was"
     model = apply(copy.deepcopy(base), sel)
     with pytest.raises(AlpsError, match="already re-parametrized"):
         apply(model, sel)

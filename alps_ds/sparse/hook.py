@@ -77,25 +77,30 @@ def apply(
             f"({spec.module_path(0, spec.modules[0])} ...); is this a {spec.model_type} causal LM?"
         )
 
-    for p in model.parameters():
-        p.requires_grad_(False)
+    # Everything that can fail is checked before the model changes: a refused call leaves it as it was.
+    others = []
     matched = dict.fromkeys(patterns, 0)
     for pname, p in model.named_parameters():
-        module_name = pname.rpartition(".")[0]
-        if module_name in qkv:
+        if pname.rpartition(".")[0] in qkv:
             continue
-        for pat in patterns:
-            if matches_train_others(pat, pname):
-                matched[pat] += 1
-                p.requires_grad_(True)
+        hits = [pat for pat in patterns if matches_train_others(pat, pname)]
+        for pat in hits:
+            matched[pat] += 1
+        if hits:
+            others.append(p)
     unmatched = [pat for pat, count in matched.items() if count == 0]
     if unmatched:
         raise AlpsError(
             f"apply: train_others pattern(s) {', '.join(map(repr, unmatched))} match no parameter outside Q/K/V; "
             "use module names such as mlp, o_proj, norm, embed_tokens, lm_head, or 'all'"
         )
+    rows = trainable_rows(spec, selection.heads, kv)
 
-    for mr in trainable_rows(spec, selection.heads, kv):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in others:
+        p.requires_grad_(True)
+    for mr in rows:
         name = spec.module_path(mr.layer, mr.module)
         hooked = reparametrize(model.get_submodule(name), mr.ranges, kinds=mr.rows_per_kind)
         _set_submodule(model, name, hooked)

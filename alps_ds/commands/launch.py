@@ -24,6 +24,9 @@ DEFAULT_PORT = 29500
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from alps_ds.launcher.build import DS_LAUNCHERS, MPI_FLAVORS
+    from alps_ds.launcher.preflight import add_check_arguments
+
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--hostfile", metavar="FILE", help="'HOST slots=N' per line (see launch/hostfile.example)")
     src.add_argument("--slurm", action="store_true", help="take hosts, GPUs and node rank from the SLURM job")
@@ -36,22 +39,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--launcher",
-        choices=("pdsh", "openmpi", "mpich", "slurm"),
+        choices=DS_LAUNCHERS,
         default="pdsh",
         help="how the deepspeed launcher reaches the other nodes (without --no-ssh)",
     )
     parser.add_argument("--no-ssh", action="store_true", help="one deepspeed command per node (run each on its node)")
     parser.add_argument("--node-rank", type=int, help="with per-node commands: which node this is")
     parser.add_argument("--include", help="deepspeed --include, e.g. 'node1:0,1@node2:0' (default: all slots)")
-    parser.add_argument("--mpi-flavor", choices=("auto", "mpich", "openmpi"), default="auto")
+    parser.add_argument("--mpi-flavor", choices=("auto", *MPI_FLAVORS), default="auto")
     parser.add_argument("--hostfile-out", metavar="FILE", help="--slurm: where to write the hostfile")
     parser.add_argument(
         "--script", metavar="FILE", help="run this Python script on every rank instead of alps-ds train"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the exact argv per node and exit")
     parser.add_argument("--skip-check", action="store_true", help="do not run the pre-flight checks")
-    from alps_ds.launcher.preflight import add_check_arguments
-
     add_check_arguments(parser)
     parser.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_ARGS", help="alps-ds train arguments")
 

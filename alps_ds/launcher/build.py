@@ -37,6 +37,7 @@ class Entry:
 
     @classmethod
     def of_script(cls, script: str, args: Sequence[str]) -> Entry:
+        """``python SCRIPT <args>`` on every rank (``alps-ds launch --script``)."""
         return cls(tuple(args), module=None, script=str(script))
 
     def python_argv(self) -> list[str]:
@@ -44,9 +45,16 @@ class Entry:
         head = ["-m", self.module] if self.module else [self.script]
         return [*head, *self.args]
 
+    def deepspeed_argv(self) -> list[str]:
+        """The same for the deepspeed launcher: ``--module MODULE ARGS`` or ``SCRIPT ARGS``."""
+        head = ["--module", self.module] if self.module else [self.script]
+        return [*head, *self.args]
+
 
 @dataclass(frozen=True)
 class NodeCommand:
+    """One launcher argv and where it runs: ``node_rank`` None runs once (it fans out itself)."""
+
     node_rank: int | None
     host: str | None
     argv: tuple[str, ...]
@@ -61,6 +69,7 @@ def _tool(name: str) -> str:
 
 
 def world_size(hosts: Sequence[Host]) -> int:
+    """Ranks over all hosts."""
     return sum(h.slots for h in hosts)
 
 
@@ -89,10 +98,7 @@ def deepspeed_commands(
     base.append("--no_local_rank")
     if include:
         base += ["--include", include]
-    if entry.module:
-        tail = ["--module", entry.module, *entry.args]
-    else:
-        tail = [entry.script, *entry.args]
+    tail = entry.deepspeed_argv()
     if no_ssh:
         return [
             NodeCommand(i, h.name, tuple([*base, "--no_ssh", "--node_rank", str(i), *tail]))
@@ -178,7 +184,6 @@ def mpirun_command(
 
 def deepspeed_local_argv(nproc: int, entry: Entry, *, master_addr: str, master_port: int) -> list[str]:
     """The deepspeed launcher on this machine only (no hostfile): ``--num_gpus N``."""
-    head = ["--module", entry.module] if entry.module else [entry.script]
     return [
         _tool("deepspeed"),
         "--num_gpus",
@@ -188,6 +193,5 @@ def deepspeed_local_argv(nproc: int, entry: Entry, *, master_addr: str, master_p
         "--master_port",
         str(master_port),
         "--no_local_rank",
-        *head,
-        *entry.args,
+        *entry.deepspeed_argv(),
     ]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from alps_ds.arch import AttentionSpec
+from alps_ds.arch import AttentionSpec, _looks_local
 from alps_ds.errors import AlpsError
 
 SINGLE_FILE = "model.safetensors"
@@ -46,17 +46,13 @@ class TensorInfo:
     end: int
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not Path(name).exists()
-
-
 def resolve_model_dir(name: str) -> Path:
     """A local model folder as given, or a hub id downloaded (config, index and only the
     shards holding Q/K/V) into the Hugging Face cache."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if not _looks_like_hub_id(name):
+    if _looks_local(name):  # the same rule config.json lookups use
         raise AlpsError(f"{name}: no such model folder; pass a folder written by save_pretrained or a hub id")
     try:
         from huggingface_hub import snapshot_download
@@ -238,12 +234,6 @@ class CheckpointReader:
 
     def _weight_names(self, layer: int) -> list[str]:
         return [f"{self.spec.module_path(layer, m)}.weight" for m in self.spec.modules]
-
-    def tensor_info(self, name: str) -> TensorInfo:
-        return self._tensors[name]
-
-    def layer_bytes(self, layer: int) -> int:
-        return sum(self._tensors[n].end - self._tensors[n].begin for n in self._weight_names(layer))
 
     def layer(self, layer: int) -> dict[str, torch.Tensor]:
         """Module name -> Q/K/V projection weight of ``layer``, in the checkpoint's dtype.

@@ -19,7 +19,7 @@ METHODS = ("top-k", "random", "layer-consistent", "all", "none")
 
 def count_for_ratio(ratio: float, num_layers: int, num_heads: int) -> int:
     """K = ceil(r * L * n), with r in (0, 1]."""
-    if not isinstance(ratio, (int, float)) or not (0 < ratio <= 1) or math.isnan(ratio):
+    if not isinstance(ratio, (int, float)) or not (0 < ratio <= 1):  # NaN fails the comparison too
         raise AlpsError(f"--ratio {ratio!r} is outside (0, 1]; use e.g. --ratio 0.1 for 10 % of heads")
     # round() first: 0.1 * 80 * 64 is 512.0000000000001 in binary floating point.
     return math.ceil(round(ratio * num_layers * num_heads, 9))

@@ -11,7 +11,6 @@ DESCRIPTION = (
     "query head (ALPS: W1 between softmax distributions of the head matrices), choose heads and "
     "write DIR/heads.json, DIR/scores.csv and DIR/heatmap.png. See docs/localize.md."
 )
-SELECT_METHODS = ("top-k", "random", "layer-consistent", "all", "none")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _validate(args: argparse.Namespace) -> str:
     """Check every flag before reading anything; returns the selection method."""
-    from alps_ds.choose import count_for_ratio, parse_heads
+    from alps_ds.choose import METHODS, count_for_ratio, parse_heads
     from alps_ds.errors import AlpsError
     from alps_ds.localize.score import DTYPES, HEAD_REPRS, METRICS, check_choice
 
@@ -57,7 +56,7 @@ def _validate(args: argparse.Namespace) -> str:
         parse_heads(args.heads)  # syntax now; bounds once the model's shape is known
         return "explicit"
     method = args.select or "top-k"
-    check_choice("--select", method, SELECT_METHODS)
+    check_choice("--select", method, METHODS)
     return method
 
 

@@ -160,13 +160,6 @@ def exp_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.sum(dim=1, keepdim=True)
 
 
-def softmax64(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise softmax in float64 (a new tensor)."""
-    p = torch.empty(x.shape, dtype=torch.float64, device=x.device)
-    p /= exp_rows(x, p)
-    return p
-
-
 def w1_from_exps(eb: torch.Tensor, sb: torch.Tensor, et: torch.Tensor, st: torch.Tensor, *, unit: bool):
     """W1 on a shared sorted support from unnormalized exps and their row sums. Clobbers both.
 
@@ -182,10 +175,8 @@ def w1_from_exps(eb: torch.Tensor, sb: torch.Tensor, et: torch.Tensor, st: torch
 
 
 def distance(pb: torch.Tensor, pt: torch.Tensor, metric: str) -> torch.Tensor:
-    """Per-row distance between base and task distributions ([c, N] float64 each). Clobbers both."""
-    if metric in ("w1", "w1-index"):
-        ones = torch.ones(pb.shape[0], 1, dtype=pb.dtype, device=pb.device)
-        return w1_from_exps(pb, ones, pt, ones, unit=metric == "w1")
+    """Per-row kl, js, cosine or euclidean distance between base and task distributions ([c, N]
+    float64 each; W1 is :func:`w1_from_exps`, which needs no normalized copy). kl overwrites both."""
     if metric == "kl":
         # KL(P_T || P_B) with eps added to both and renormalized, as the paper's ablation.
         pt += KL_EPS

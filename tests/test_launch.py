@@ -273,6 +273,15 @@ def test_preflight_memory_and_imbalance(model_dir):
     assert got["balance"].status == "fail" and "max/mean 2.00" in got["balance"].detail
 
 
+def test_checks_lacking_inputs_say_skip_and_bad_sizes_fail_cleanly(model_dir):
+    """A check without its inputs is a SKIP line, never silently absent; --tp 0 is a FAIL line, not a
+    ZeroDivisionError traceback from the memory check."""
+    got = statuses(run_checks(CheckInputs(world_size=2, gpu_mem_gib=80)))  # no --model
+    assert got["tensor parallel"] == got["memory"] == "skip"
+    got = statuses(run_checks(CheckInputs(world_size=2, tp=0, model=str(model_dir / "m"), gpu_mem_gib=80)))
+    assert got["world size"] == got["tensor parallel"] == "fail" and got["memory"] == "skip"
+
+
 def test_launch_stops_before_launching_on_failed_check(hostfile, tmp_path, capsys):
     marker = tmp_path / "ran"
     script = tmp_path / "touch.py"

@@ -145,10 +145,16 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
         add(Finding("pipeline", "fail", f"--pp {inp.pp} exceeds the model's {spec.num_layers} layers"))
     if spec is not None:
         _tp_checks(inp, spec, heads, add)
-    if spec is not None and inp.gpu_mem_gib and inp.world_size % mp == 0:
-        _memory_check(inp, cfg, heads, add)
-    elif not inp.gpu_mem_gib:
+    else:
+        add(Finding("tensor parallel", "skip", "no model config given (--model)"))
+    if not inp.gpu_mem_gib:
         add(Finding("memory", "skip", "no GPU memory size given (--gpu-mem GIB)"))
+    elif spec is None:
+        add(Finding("memory", "skip", "no model config given (--model)"))
+    elif min(inp.world_size, inp.tp, inp.pp) < 1 or inp.world_size % mp:
+        add(Finding("memory", "skip", "the world size does not split over tp x pp"))
+    else:
+        _memory_check(inp, cfg, heads, add)
 
     if inp.output_dir:
         why = writable_dir(inp.output_dir)

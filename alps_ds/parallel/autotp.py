@@ -179,7 +179,7 @@ def gather_qkv(model: nn.Module, spec: AttentionSpec | None = None) -> dict[str,
                 if t is None:
                     continue
                 # Uneven shards: pad to the largest so all_gather sees equal sizes, then trim.
-                pad = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype)
+                pad = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
                 pad[: t.shape[0]] = t
                 parts = [torch.empty_like(pad) for _ in sizes]
                 dist.all_gather(parts, pad, group=group)

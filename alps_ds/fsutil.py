@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,7 +76,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            # A unique name: a kill while a big old folder is being deleted leaves its backup behind,
+            # and a later run with the same pid (common in containers) could not rename onto it.
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.replace(path, old)
         try:
             os.replace(tmp, path)

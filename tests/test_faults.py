@@ -238,3 +238,20 @@ def test_atomic_dir_keeps_the_previous_version_when_replacing_fails(tmp_path, mo
             raise OSError(28, "No space left on device")
         monkeypatch.setattr(fsutil.os, "replace", replace)
     assert digest(tmp_path) == before
+
+
+def test_atomic_dir_replaces_despite_a_backup_left_by_a_killed_run(tmp_path):
+    """A kill while the previous version is being deleted leaves its backup folder; a later run
+    (with the same pid, as in containers) must still replace the target."""
+    from alps_ds import fsutil
+
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"old")
+    stale = tmp_path / f".merged.old-{os.getpid()}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half deleted")
+    with fsutil.atomic_dir(target) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"new")
+    assert (target / "model.safetensors").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "merged"]  # only the stale one is left

@@ -207,7 +207,7 @@ def compress_nodelist(hosts: Sequence[str]) -> str:
         prefix, width, nums = g
         runs, start = [], nums[0]
         for prev, cur in zip(nums, [*nums[1:], None]):
-            if cur != prev + 1 if cur is not None else True:
+            if cur is None or cur != prev + 1:
                 runs.append(
                     str(start).zfill(width) if start == prev else f"{str(start).zfill(width)}-{str(prev).zfill(width)}"
                 )

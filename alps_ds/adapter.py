@@ -149,6 +149,14 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
     hooked = list(hooked_modules(model))
     if not hooked:
         raise AlpsError("save_adapter: model has no re-parametrized projections; call alps_ds.apply(model, ...) first")
+    from alps_ds.parallel.autotp import TPHeadRowsLinear
+
+    if any(isinstance(mod, TPHeadRowsLinear) for _, mod in hooked):
+        # Each rank holds rows local to its shard: rank 0 alone would write an adapter missing the others.
+        raise AlpsError(
+            "save_adapter: the model is tensor-parallel (alps_ds.parallel.autotp) and each rank holds only "
+            "its shard's rows; export the full weights with autotp.gather_qkv instead"
+        )
     tensors: dict[str, torch.Tensor] = {}
     entries = []
     for name, mod in hooked:

@@ -72,6 +72,20 @@ def test_load_onto_hooked_and_onto_plain_base(trained):
         load_adapter(other, root / "adapter")
 
 
+def test_save_refuses_a_tensor_parallel_model(trained, tmp_path):
+    """AutoTP slices hold rows local to each rank's shard; rank 0 alone would write a partial adapter."""
+    from alps_ds.parallel.autotp import TPHeadRowsLinear
+
+    root, base, _, sel = trained
+    model = apply(copy.deepcopy(base), sel)
+    name, mod = next(hooked_modules(model))
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, TPHeadRowsLinear(mod, None, (mod.out_features,)))
+    with pytest.raises(AlpsError, match="tensor-parallel"):
+        save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_load_onto_a_model_on_another_device(trained):
     """The adapter is read on the CPU; a base model on a GPU takes its rows there (index_copy refuses
     an index on another device; the meta device runs the same checks as CUDA)."""

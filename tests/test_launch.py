@@ -273,6 +273,36 @@ def test_preflight_memory_and_imbalance(model_dir):
     assert got["balance"].status == "fail" and "max/mean 2.00" in got["balance"].detail
 
 
+def test_check_plans_every_head_for_selection_method_all(model_dir, capsys):
+    """selection.method all trains every head: the memory check must not plan the 10 % of selection.ratio.
+    The GPU size is picked between the two plans, so only the all-heads plan fails."""
+    from alps_ds.plan import Activation, GiB, Parallel, load_config, make_plan
+
+    run = {
+        "model": {"path": str(model_dir / "m")},
+        "selection": {"method": "all", "ratio": 0.1},
+        "data": {"datasets": [{"path": "configs/data/tiny.jsonl"}], "max_length": 64},
+        "train": {"micro_batch": 1, "batch": 2},
+    }
+    (model_dir / "run.yaml").write_text(json.dumps(run))
+
+    def total(ratio: float) -> int:
+        shape = Activation(seq_len=64, micro_batch=1, checkpointing=False)
+        plan = make_plan(
+            load_config(str(model_dir / "m")),
+            ratio=ratio,
+            parallel=Parallel(dp=2, zero=2),
+            activation=shape,
+            dtype="fp32",
+        )
+        return plan.rows[0].total
+
+    assert total(0.1) < total(1.0)
+    gpu_mem = (total(0.1) + total(1.0)) / 2 / 0.9 / GiB  # 10 % headroom
+    code = main(["check", "--config", str(model_dir / "run.yaml"), "--world-size", "2", "--gpu-mem", str(gpu_mem)])
+    assert code == 1 and "FAIL memory: does not fit" in capsys.readouterr().err
+
+
 def test_checks_lacking_inputs_say_skip_and_bad_sizes_fail_cleanly(model_dir):
     """A check without its inputs is a SKIP line, never silently absent; --tp 0 is a FAIL line, not a
     ZeroDivisionError traceback from the memory check."""

@@ -327,8 +327,8 @@ def _fill_from_run(inp: CheckInputs, run, given: set[str]) -> None:
         inp.output_dir = run.output.dir
     inp.kv = run.kv
     inp.train_others = tuple(run.train_others)
-    if "ratio" not in given:
-        inp.ratio = run.selection.ratio
+    if "ratio" not in given:  # selection.method all trains every head, whatever selection.ratio says
+        inp.ratio = 1.0 if run.selection.method == "all" else run.selection.ratio
     if "seq_len" not in given:
         inp.seq_len = run.data.max_length
     if "micro_batch" not in given:

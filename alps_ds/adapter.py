@@ -57,6 +57,8 @@ class AdapterModule:
 
 @dataclass(frozen=True)
 class Adapter:
+    """An adapter folder in memory: the selection, kv policy, dtype, modules and their row tensors."""
+
     selection: HeadSelection
     kv: str
     dtype: str
@@ -65,6 +67,7 @@ class Adapter:
 
     @classmethod
     def read(cls, adapter_dir: str | os.PathLike) -> Adapter:
+        """Read and validate ``adapter_dir``; every problem is one AlpsError naming the file."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 

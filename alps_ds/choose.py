@@ -60,6 +60,7 @@ def layer_consistent(num_layers: int, num_heads: int, k: int, seed: int) -> list
 
 
 def all_heads(num_layers: int, num_heads: int) -> list[Head]:
+    """Every query head ("w/ full" in the paper)."""
     return [(layer, h) for layer in range(num_layers) for h in range(num_heads)]
 
 

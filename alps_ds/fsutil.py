@@ -52,11 +52,13 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically."""
     with atomic_file(path, "w") as f:
         f.write(text)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically."""
     with atomic_file(path, "wb") as f:
         f.write(data)
 

@@ -54,6 +54,8 @@ class Provenance:
 
 @dataclass(frozen=True)
 class HeadSelection:
+    """Selected query heads of one model (sorted, unique, in range), how they were chosen, and scores."""
+
     model: ModelFingerprint
     heads: tuple[Head, ...]
     provenance: Provenance
@@ -96,6 +98,7 @@ class HeadSelection:
         return {layer: tuple(hs) for layer, hs in out.items()}
 
     def score(self, layer: int, head: int) -> float | None:
+        """The stored score of one head, or None when the selection carries no scores."""
         return None if self.scores is None else self.scores[layer][head]
 
     # ---- checks against a model ----------------------------------------------------------
@@ -143,6 +146,7 @@ class HeadSelection:
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "heads.json") -> HeadSelection:
+        """Validate parsed heads.json content; every problem is one AlpsError starting with ``source``."""
         if not isinstance(data, dict):
             raise AlpsError(f"{source}: expected a JSON object; is this a heads.json written by alps-ds?")
         if data.get("format") != FORMAT:

@@ -227,6 +227,8 @@ def jaccard(a: HeadSelection, b: HeadSelection) -> float:
 
 @dataclass(frozen=True)
 class LayerOverlap:
+    """Selected heads of one layer in selection a, in b, and in both."""
+
     layer: int
     in_a: int
     in_b: int

@@ -142,6 +142,7 @@ class CheckpointReader:
 
     @classmethod
     def open(cls, name: str, *, label: str, allow_pickle: bool = False) -> CheckpointReader:
+        """A reader for a local folder or hub id; ``label`` (base, task) starts its error messages."""
         model_dir = resolve_model_dir(name)
         spec = AttentionSpec.from_pretrained(model_dir)
         return cls(model_dir, spec, label=label, allow_pickle=allow_pickle)

@@ -36,6 +36,7 @@ DEFAULT_MAX_ELEMENTS = 1 << 23
 
 
 def check_choice(flag: str, value: str, choices: tuple[str, ...] | dict) -> None:
+    """One AlpsError line naming ``flag`` and its choices when ``value`` is not one of them."""
     if value not in choices:
         raise AlpsError(f"{flag} {value!r} is unknown; choose one of {', '.join(choices)}")
 

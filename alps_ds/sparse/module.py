@@ -51,6 +51,7 @@ def full_numel(p: torch.Tensor) -> int:
 
 
 def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """Shape of a parameter, also when ZeRO-3 holds only a partition of it locally."""
     return tuple(p.ds_shape) if _is_partitioned(p) else tuple(p.shape)
 
 

@@ -30,6 +30,8 @@ class ModuleEntry:
 
 @dataclass(frozen=True)
 class TrainableReport:
+    """Per-module and per-kind trainable elements of a model and the training memory they cost."""
+
     modules: tuple[ModuleEntry, ...]
     per_kind: dict[str, int]  # elements of q, k, v, others (fused projections split by row counts)
     trainable: int

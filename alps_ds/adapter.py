@@ -1,8 +1,10 @@
 """Head adapters: only the trained Q/K/V slices (safetensors) plus the selection and row ranges (json).
 
-An adapter is a few MB for a 70B model. It can be loaded onto a base model (plain: rows are
-written into the weights; hooked: into the slice parameters, to resume training), or merged
-into a base checkpoint shard by shard without loading the model (``alps-ds merge``).
+An adapter holds the trained rows only (for Llama-3.1-70B at 10 % of heads at most 1.6 B
+elements, 3.2 GB in bf16, against 141 GB for the model; see docs/formats.md). It can be loaded
+onto a base model (plain: rows are written into the weights; hooked: into the slice parameters,
+to resume training), or merged into a base checkpoint shard by shard without loading the model
+(``alps-ds merge``).
 
 Layout of an adapter folder::
 

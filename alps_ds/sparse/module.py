@@ -81,7 +81,7 @@ class HeadRowsLinear(nn.Module):
     """``x W^T + b`` with rows ``ranges`` of W (and b) replaced by trainable ``head_weight`` (``head_bias``).
 
     ``weight``/``bias`` are the original parameter objects, frozen. ``kinds`` records how many
-    of the selected rows are q, k or v (for reports and adapters); ``name`` is informational.
+    of the selected rows are q, k or v (for reports and adapters).
     """
 
     def __init__(

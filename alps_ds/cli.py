@@ -75,13 +75,20 @@ def help_markdown() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        rc = int(args._run(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return rc
     except AlpsError as e:
         print(f"alps-ds: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("alps-ds: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``alps-ds heads show ... | head``): stop quietly, as Unix tools do.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the signal
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -318,6 +321,18 @@ def test_cli_show(files, capsys):
     shown = [tuple(int(x) for x in line.split()[1:3]) for line in lines[start : start + 3]]
     assert shown == best
     assert f"{scores[best[0]]:.6g}" in lines[start]
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(files):
+    """``alps-ds heads show ... | head`` when head has already exited: no traceback, the SIGPIPE status."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        argv = [sys.executable, "-m", "alps_ds", "heads", "show", str(files["math"])]
+        proc = subprocess.run(argv, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
 
 
 def test_cli_show_without_scores(files, capsys):

@@ -47,7 +47,7 @@ def count_parameters(config: Any, spec: AttentionSpec | None = None) -> dict[str
     """Parameter name (as ``model.named_parameters()`` gives it) -> element count, from the config alone."""
     cfg = _config_dict(config)
     spec = spec or AttentionSpec.from_config(cfg)
-    d, n, g, hd, L = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_layers
+    d, n, hd, L = spec.hidden_size, spec.num_heads, spec.head_dim, spec.num_layers
     vocab, inter = cfg["vocab_size"], cfg["intermediate_size"]
     t = spec.model_type
     out: dict[str, int] = {}
@@ -62,39 +62,38 @@ def count_parameters(config: Any, spec: AttentionSpec | None = None) -> dict[str
         if bias:
             out[f"{name}.bias"] = width
 
+    def qkv(layer: int) -> None:
+        # Q/K/V named and sized by AttentionSpec, exactly as the engine hook finds them.
+        for m in spec.modules:
+            linear(spec.module_path(layer, m), spec.module_rows(m), d, spec.qkv_bias)
+
     tied = bool(cfg.get("tie_word_embeddings"))
     if t == "gpt_neox":
         out["gpt_neox.embed_in.weight"] = vocab * d
-        bias = bool(cfg.get("attention_bias", True))
         for i in range(L):
-            p = f"gpt_neox.layers.{i}"
+            p = f"{spec.layers_path}.{i}"
             norm(f"{p}.input_layernorm", d, True)
             norm(f"{p}.post_attention_layernorm", d, True)
-            linear(f"{p}.attention.query_key_value", 3 * n * hd, d, bias)
-            linear(f"{p}.attention.dense", d, n * hd, bias)
+            qkv(i)
+            linear(spec.module_path(i, "dense"), d, n * hd, spec.qkv_bias)
             linear(f"{p}.mlp.dense_h_to_4h", inter, d, True)
             linear(f"{p}.mlp.dense_4h_to_h", d, inter, True)
         norm("gpt_neox.final_layer_norm", d, True)
     else:
         out["model.embed_tokens.weight"] = vocab * d
-        qkv_bias = spec.qkv_bias
-        o_bias = qkv_bias and t in ("llama", "qwen3", "gemma", "gemma2")
+        o_bias = spec.qkv_bias and t in ("llama", "qwen3", "gemma", "gemma2")
         mlp_bias = bool(cfg.get("mlp_bias")) and t == "llama"
         for i in range(L):
-            p = f"model.layers.{i}"
+            p = f"{spec.layers_path}.{i}"
+            qkv(i)
+            linear(spec.module_path(i, "o_proj"), d, n * hd, o_bias)
             if t == "phi3":
-                linear(f"{p}.self_attn.o_proj", d, n * hd, False)
-                linear(f"{p}.self_attn.qkv_proj", (n + 2 * g) * hd, d, False)
                 linear(f"{p}.mlp.gate_up_proj", 2 * inter, d, False)
                 linear(f"{p}.mlp.down_proj", d, inter, False)
             else:
-                linear(f"{p}.self_attn.q_proj", n * hd, d, qkv_bias)
-                linear(f"{p}.self_attn.k_proj", g * hd, d, qkv_bias)
-                linear(f"{p}.self_attn.v_proj", g * hd, d, qkv_bias)
-                linear(f"{p}.self_attn.o_proj", d, n * hd, o_bias)
                 if t == "qwen3":
-                    norm(f"{p}.self_attn.q_norm", hd)
-                    norm(f"{p}.self_attn.k_norm", hd)
+                    norm(spec.module_path(i, "q_norm"), hd)
+                    norm(spec.module_path(i, "k_norm"), hd)
                 for m in ("gate_proj", "up_proj"):
                     linear(f"{p}.mlp.{m}", inter, d, mlp_bias)
                 linear(f"{p}.mlp.down_proj", d, inter, mlp_bias)

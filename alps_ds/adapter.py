@@ -79,7 +79,7 @@ class Adapter:
             raise AlpsError(f"{root}: not an alps-ds adapter (needs {JSON_NAME} and {TENSORS_NAME}); see save_adapter")
         try:
             meta = json.loads(meta_path.read_text())
-        except ValueError as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
             raise AlpsError(f"{meta_path}: not valid JSON ({e}); save the adapter again") from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise AlpsError(f"{meta_path}: 'format' is not {FORMAT!r}; not an alps-ds adapter")

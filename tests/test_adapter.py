@@ -158,6 +158,15 @@ def test_cli_merge_and_errors(trained, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_adapter_json_nested_too_deep_is_one_line(trained, tmp_path):
+    root, base, *_ = trained
+    adapter = tmp_path / "adapter"
+    shutil.copytree(root / "adapter", adapter)
+    (adapter / "adapter.json").write_text("[" * 100_000)  # past Python's recursion limit: RecursionError
+    with pytest.raises(AlpsError, match="adapter.json: not valid JSON"):
+        load_adapter(copy.deepcopy(base), adapter)
+
+
 def test_merge_refuses_a_damaged_base_with_one_line(trained, tmp_path, capsys):
     root, base, *_ = trained
     single = tmp_path / "single"  # a single-file checkpoint whose safetensors file is garbage

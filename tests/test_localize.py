@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +290,14 @@ def _broken_checkpoints(pairs, root: Path) -> dict[str, tuple[Path, Path, str]]:
     index["weight_map"][q1] = 5
     (not_names / "model.safetensors.index.json").write_text(json.dumps(index))
     cases["index-not-names"] = (base, not_names, "unreadable shard index")
+    deep = root / "deep-index"  # JSON nested past Python's recursion limit
+    shutil.copytree(split, deep)
+    (deep / "model.safetensors.index.json").write_text("[" * 100_000)
+    cases["deep-index"] = (base, deep, "unreadable shard index")
+    deep_header = root / "deep-header"
+    shutil.copytree(task, deep_header)
+    (deep_header / "model.safetensors").write_bytes(struct.pack("<Q", 100_000) + b"[" * 100_000)
+    cases["deep-header"] = (base, deep_header, "unreadable safetensors shard")
     cases["int8"] = (base, variant("int8", lambda t: t.__setitem__(q1, t[q1].to(torch.int8))), "dtype I8")
     trunc = root / "trunc"
     shutil.copytree(task, trunc)

@@ -83,7 +83,7 @@ def read_index(path: Path) -> dict[str, str]:
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map is not an object of shard file names")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise AlpsError(f"{path}: unreadable shard index ({e}); re-save the model with save_pretrained") from e
     return weight_map
 
@@ -104,7 +104,7 @@ def read_header(shard: Path) -> dict[str, TensorInfo]:
                 raise ValueError("header is not a JSON object")
     except FileNotFoundError:
         raise AlpsError(f"{shard}: shard file is missing; download or copy the complete checkpoint") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise AlpsError(f"{shard}: unreadable safetensors shard ({e}); re-download or re-save it") from e
     out = {}
     base = 8 + n

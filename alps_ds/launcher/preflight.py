@@ -334,9 +334,10 @@ def _fill_from_run(inp: CheckInputs, run, given: set[str]) -> None:
     if "micro_batch" not in given:
         inp.micro_batch = run.train.micro_batch
     inp.checkpointing = run.train.gradient_checkpointing
-    ds = run.deepspeed
+    ds = DEFAULT_DS_CONFIG if run.deepspeed is None else run.deepspeed
     try:
-        ds = DEFAULT_DS_CONFIG if ds is None else json.loads(Path(ds).read_text()) if isinstance(ds, str) else ds
+        if isinstance(ds, str):
+            ds = json.loads(Path(ds).read_text())
         if "zero" not in given:
             inp.zero = zero_stage(ds)
         offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}

@@ -249,9 +249,17 @@ def _memory_check(inp: CheckInputs, cfg, heads, add) -> None:
         f"seq {inp.seq_len} x micro batch {inp.micro_batch}, checkpointing {'on' if inp.checkpointing else 'off'}"
     )
     if not fits:
-        detail += (
-            f"; non-activation {alps.non_activation / GiB:.1f} GiB: try ZeRO-3, --offload, more GPUs or checkpointing"
-        )
+        untried = [
+            remedy
+            for remedy, already in (
+                ("activation checkpointing", inp.checkpointing),
+                ("a smaller micro batch", inp.micro_batch == 1),
+                ("ZeRO-3", inp.zero == 3),
+                ("--offload", inp.offload),
+            )
+            if not already
+        ]
+        detail += f"; non-activation {alps.non_activation / GiB:.1f} GiB: try {', '.join([*untried, 'more GPUs'])}"
     add(Finding("memory", "ok" if fits else "fail", detail))
 
 

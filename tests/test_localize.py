@@ -334,6 +334,8 @@ def test_cli_errors_are_one_line_and_leave_outputs_untouched(pairs, tmp_path, ca
     }
     if not torch.cuda.is_available():
         flag_cases["no-cuda"] = (ok + ["--device", "cuda"], "CUDA is not available")
+    else:
+        flag_cases["cuda-index"] = (ok + ["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device(s)")
     for name, (b, t, words) in _broken_checkpoints(pairs, tmp_path).items():
         flag_cases[name] = (["--base", b, "--task", t, "--out", out], words)
     for name, (argv, words) in flag_cases.items():

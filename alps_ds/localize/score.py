@@ -51,6 +51,9 @@ def resolve_device(name: str) -> torch.device:
         raise AlpsError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AlpsError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    # torch.device does not check the index; the first allocation would fail with a traceback.
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise AlpsError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 and up")
     if device.type not in ("cpu", "cuda"):
         raise AlpsError(f"--device {name}: only cpu and cuda are supported")
     return device

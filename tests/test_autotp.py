@@ -74,6 +74,9 @@ def test_each_rank_trains_only_its_local_share(results):
     }
     assert ranks[1]["hooked"]["model.layers.1.self_attn.q_proj"] == [[0, 16]]
     assert ranks[0]["trainable"] == 3 * 8 * 48 and ranks[1]["trainable"] == 4 * 8 * 48
+    # the trainable report sorts each rank's slice rows into q/k/v, none into "others"
+    assert ranks[0]["per_kind"] == {"q": 8 * 48, "k": 8 * 48, "v": 8 * 48, "others": 0}
+    assert ranks[1]["per_kind"] == {"q": 16 * 48, "k": 8 * 48, "v": 8 * 48, "others": 0}
     # deepspeed.initialize kept the hooked modules (AutoTP did not re-shard them away)
     assert all(sorted(r["still_hooked"]) == sorted(r["hooked"]) for r in ranks.values())
 

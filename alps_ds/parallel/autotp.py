@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from alps_ds.arch import AttentionSpec
+from alps_ds.arch import KINDS, AttentionSpec
 from alps_ds.errors import AlpsError
 from alps_ds.layout import KVPolicy
 from alps_ds.parallel.mapping import TensorParallel, plan
 from alps_ds.selection import HeadSelection
-from alps_ds.sparse.module import HeadRowsLinear, reparametrize
+from alps_ds.sparse.module import HeadRowsLinear, reparametrize, set_submodule
 
 # Column-parallel (output rows split) and row-parallel (input split, all-reduced) projections
 # of the separate-q/k/v families, as AutoTP's parser classifies them.
@@ -57,11 +57,6 @@ class TPHeadRowsLinear(HeadRowsLinear):
         return super().forward(ColumnParallel.apply(self.mp_group, x))
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def shard(model: nn.Module, tp_size: int, spec: AttentionSpec | None = None) -> nn.Module:
     """Shard ``model``'s attention and MLP projections over ``tp_size`` ranks exactly as AutoTP
     training does (call after ``deepspeed.init_distributed``; every rank of a TP group must
@@ -87,7 +82,7 @@ def shard(model: nn.Module, tp_size: int, spec: AttentionSpec | None = None) -> 
                 continue
             full = f"{block}.{name}"
             cls = LinearLayer if leaf in COLUMN else LinearAllreduce
-            _set_submodule(model, full, cls(module, group, name=full, tp_meta=meta))
+            set_submodule(model, full, cls(module, group, name=full, tp_meta=meta))
     model.ds_autotp_parsed = True  # deepspeed.initialize must not shard (and drop our slices) again
     return model
 
@@ -139,8 +134,10 @@ def apply(
                 f"AutoTP split of {name} is {layer._partition_sizes}, the mapping expects "
                 f"{tensor.shard_sizes(e.module)}; this DeepSpeed version shards differently"
             )
-        mod = TPHeadRowsLinear(reparametrize(layer, e.rows), group, layer._partition_sizes)
-        _set_submodule(model, name, mod)
+        kind = next(k for k in KINDS if spec.rows(k, 0).module == e.module)  # separate q/k/v only
+        kinds = ((kind, e.num_rows),)
+        mod = TPHeadRowsLinear(reparametrize(layer, e.rows, kinds=kinds), group, layer._partition_sizes)
+        set_submodule(model, name, mod)
         hooked.append((name, mod))
     # Every TP rank must run the same backward collectives (ColumnParallel all-reduces the input
     # gradient). Which activations require grad would otherwise differ by rank: a rank holding

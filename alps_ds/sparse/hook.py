@@ -17,7 +17,7 @@ from alps_ds.arch import AttentionSpec
 from alps_ds.errors import AlpsError
 from alps_ds.layout import KVPolicy, matches_train_others, trainable_rows
 from alps_ds.selection import HeadSelection
-from alps_ds.sparse.module import HeadRowsLinear, gathered, reparametrize
+from alps_ds.sparse.module import HeadRowsLinear, gathered, reparametrize, set_submodule
 
 
 def hooked_modules(model: nn.Module) -> Iterator[tuple[str, HeadRowsLinear]]:
@@ -36,12 +36,6 @@ def qkv_module_names(model: nn.Module, spec: AttentionSpec) -> set[str]:
         for m in spec.modules
         if spec.module_path(layer, m) in present
     }
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def apply(
@@ -103,7 +97,7 @@ def apply(
     for mr in rows:
         name = spec.module_path(mr.layer, mr.module)
         hooked = reparametrize(model.get_submodule(name), mr.ranges, kinds=mr.rows_per_kind)
-        _set_submodule(model, name, hooked)
+        set_submodule(model, name, hooked)
 
     # Reentrant activation checkpointing only back-propagates into a checkpointed block when
     # its input requires grad; with frozen embeddings it would not, and the head slices would
@@ -136,7 +130,7 @@ def merge(model: nn.Module) -> nn.Module:
         linear = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
         linear.weight = mod.weight
         linear.bias = mod.bias
-        _set_submodule(model, name, linear)
+        set_submodule(model, name, linear)
     if getattr(model, "alps_input_grads", False):
         model.disable_input_require_grads()
     for attr in ("alps_selection", "alps_kv", "alps_input_grads"):

@@ -131,6 +131,12 @@ class HeadRowsLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, trainable_rows=[{spans}], bias={self.bias is not None}"
 
 
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (``model.layers.0.self_attn.q_proj``) by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
 def reparametrize(
     linear: nn.Module, rows: Sequence[int] | Sequence[tuple[int, int]], *, kinds: tuple[tuple[str, int], ...] = ()
 ) -> HeadRowsLinear:

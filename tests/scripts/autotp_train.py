@@ -29,6 +29,7 @@ def run_case(stage: int, n: int, g: int, heads: list) -> dict:
     import deepspeed
     import torch.distributed as dist
 
+    import alps_ds
     from alps_ds.arch import AttentionSpec
     from alps_ds.parallel import autotp
     from alps_ds.selection import HeadSelection, Provenance
@@ -73,6 +74,7 @@ def run_case(stage: int, n: int, g: int, heads: list) -> dict:
         "hooked": {name: [list(r) for r in m.ranges] for name, m in hooked},
         "trainable": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
         "still_hooked": still_hooked,
+        "per_kind": alps_ds.trainable_report(engine.module).per_kind,
     }
     ref_losses, ref_norms, ref_after = reference(config, spec, selection, ids)
     ranks = [None] * dist.get_world_size()

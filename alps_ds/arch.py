@@ -65,7 +65,7 @@ def read_config(name_or_path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     if path.is_file():
         try:
             cfg = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
             raise AlpsError(f"{path}: not a readable JSON config ({e}); point to a model folder") from e
         if not isinstance(cfg, dict):
             raise AlpsError(f"{path}: expected a JSON object; point to a model's config.json")

@@ -125,9 +125,10 @@ def test_config_errors_are_clear(tmp_path):
         )
     with pytest.raises(AlpsError, match="no config.json"):
         AttentionSpec.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text("{oops")
-    with pytest.raises(AlpsError, match="not a readable JSON config"):
-        AttentionSpec.from_pretrained(tmp_path)
+    for damaged in ("{oops", "[" * 100_000 + "]" * 100_000):  # the second is nested past the recursion limit
+        (tmp_path / "config.json").write_text(damaged)
+        with pytest.raises(AlpsError, match="not a readable JSON config"):
+            AttentionSpec.from_pretrained(tmp_path)
     cfg = tiny_config("qwen2", layers=3, hidden=32, heads=4, kv_heads=2).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     spec = AttentionSpec.from_pretrained(tmp_path)

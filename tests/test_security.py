@@ -19,6 +19,8 @@ import torch
 from dist import REPO, rank_env
 
 from alps_ds.cli import main
+from alps_ds.errors import AlpsError
+from alps_ds.localize.reader import read_index
 
 PACKAGE = REPO / "alps_ds"
 
@@ -217,3 +219,12 @@ def test_no_trust_remote_code_and_no_shell_strings_in_the_package():
         if (p.split(":")[0], p.split(": ", 1)[1]) not in ALLOWED
     ]
     assert not problems, problems
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/dir.safetensors", ".."])
+def test_a_shard_index_cannot_point_outside_the_model_folder(tmp_path, shard):
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"model.layers.0.self_attn.q_proj.weight": shard}}))
+    with pytest.raises(AlpsError, match="not a file name in the model folder") as e:
+        read_index(index)
+    assert str(index) in str(e.value) and "\n" not in str(e.value)

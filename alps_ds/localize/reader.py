@@ -83,6 +83,10 @@ def read_index(path: Path) -> dict[str, str]:
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map is not an object of shard file names")
+        # Shards live beside the index: a path ("../x", "/etc/y") would read files outside the model.
+        outside = next((v for v in weight_map.values() if v in ("", ".", "..") or Path(v).name != v), None)
+        if outside is not None:
+            raise ValueError(f"shard {outside!r} is not a file name in the model folder")
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise AlpsError(f"{path}: unreadable shard index ({e}); re-save the model with save_pretrained") from e
     return weight_map

@@ -117,7 +117,8 @@ def merge(model: nn.Module) -> nn.Module:
     Returns ``model`` (changed in place): an ordinary HF model whose ``save_pretrained`` output
     loads without alps_ds. Under ZeRO-3 call it on every rank: the rows are gathered, written
     on rank 0 and re-partitioned, and the model's parameters stay partitioned (read them with
-    ``GatheredParameters`` or save with the engine's consolidated 16-bit state dict).
+    ``GatheredParameters`` or save with the engine's consolidated 16-bit state dict). Parameters
+    keep the ``requires_grad`` that ``apply`` gave them: Q/K/V weights stay frozen.
     """
     for name, mod in list(hooked_modules(model)):
         params = [mod.weight, mod.bias, mod.head_weight, mod.head_bias]

@@ -175,47 +175,6 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
-def compress_nodelist(hosts: Sequence[str]) -> str:
-    """The inverse of :func:`expand_nodelist` for names ending in digits: runs of one prefix and
-    padding become ``prefix[a-b,c]``; order is kept (only neighbours are merged)."""
-    groups: list[tuple[str, int, list[int]] | str] = []
-    for name in hosts:
-        m = re.fullmatch(r"(.*?)(\d+)", name)
-        if not m or "[" in name:
-            groups.append(name)
-            continue
-        prefix, digits = m.group(1), m.group(2)
-        # Padding is only unambiguous when every number of the group has the same width.
-        last = groups[-1] if groups else None
-        if (
-            isinstance(last, tuple)
-            and last[0] == prefix
-            and last[1] == len(digits)
-            and int(digits) > last[2][-1]
-            and digits == str(int(digits)).zfill(len(digits))
-        ):
-            last[2].append(int(digits))
-        elif digits == str(int(digits)).zfill(len(digits)):
-            groups.append((prefix, len(digits), [int(digits)]))
-        else:
-            groups.append(name)
-    parts = []
-    for g in groups:
-        if isinstance(g, str):
-            parts.append(g)
-            continue
-        prefix, width, nums = g
-        runs, start = [], nums[0]
-        for prev, cur in zip(nums, [*nums[1:], None]):
-            if cur is None or cur != prev + 1:
-                runs.append(
-                    str(start).zfill(width) if start == prev else f"{str(start).zfill(width)}-{str(prev).zfill(width)}"
-                )
-                start = cur
-        parts.append(f"{prefix}[{','.join(runs)}]")
-    return ",".join(parts)
-
-
 def slurm_hostnames(nodelist: str) -> list[str]:
     """Expand with ``scontrol show hostnames`` when SLURM is installed, else with our own parser."""
     scontrol = shutil.which("scontrol")

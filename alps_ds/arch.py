@@ -95,6 +95,11 @@ class ModelFingerprint:
     head_dim: int
     hidden_size: int
 
+    @property
+    def total_heads(self) -> int:
+        """Query heads over all layers: what a selection's ratio is a fraction of."""
+        return self.num_layers * self.num_heads
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -196,7 +201,7 @@ class AttentionSpec:
 
     @property
     def total_heads(self) -> int:
-        return self.num_layers * self.num_heads
+        return self.fingerprint.total_heads
 
     @property
     def fingerprint(self) -> ModelFingerprint:

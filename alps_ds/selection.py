@@ -88,7 +88,7 @@ class HeadSelection:
     @property
     def ratio(self) -> float:
         """Fraction of all query heads selected."""
-        return len(self.heads) / (self.model.num_layers * self.model.num_heads)
+        return len(self.heads) / self.model.total_heads
 
     def by_layer(self) -> dict[int, tuple[int, ...]]:
         """Selected query heads of each layer that has any, in ascending order."""

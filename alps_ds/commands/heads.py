@@ -114,7 +114,7 @@ def _pct(count: int, total: int) -> str:
 
 def _describe(sel: HeadSelection) -> list[str]:
     m, p = sel.model, sel.provenance
-    total = m.num_layers * m.num_heads
+    total = m.total_heads
     lines = [
         f"  selected  {len(sel)} of {total} heads ({_pct(len(sel), total)})",
         f"  model     {m.model_type}: {m.num_layers} layers x {m.num_heads} heads, {m.num_kv_heads} kv heads, "
@@ -230,7 +230,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _compare_tables(names, sels, pairs, in_all: int, in_any: int, per_layer) -> list[str]:
-    total = sels[0].model.num_layers * sels[0].model.num_heads
+    total = sels[0].model.total_heads
     out = ["inputs:"]
     for i, (name, sel) in enumerate(zip(names, sels)):
         how = sel.provenance.select + (f", task {sel.provenance.task}" if sel.provenance.task else "")
@@ -263,7 +263,7 @@ def _combine(args: argparse.Namespace) -> int:
     else:
         result = getattr(ops, args.op)(sels, sources=paths)
     path = _save(result, args.out)
-    total = result.model.num_layers * result.model.num_heads
+    total = result.model.total_heads
     print(f"wrote {path}: {len(result)} of {total} heads ({_pct(len(result), total)}), {args.op} of {len(sels)} files")
     return 0
 
@@ -273,6 +273,6 @@ def _resize(args: argparse.Namespace) -> int:
     sel = HeadSelection.load(path)
     result = sel.resize(args.ratio, source=str(path))
     out = _save(result, args.out)
-    total = result.model.num_layers * result.model.num_heads
+    total = result.model.total_heads
     print(f"wrote {out}: {len(result)} of {total} heads ({_pct(len(result), total)}); {path} had {len(sel)}")
     return 0

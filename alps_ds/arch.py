@@ -252,6 +252,10 @@ class AttentionSpec:
             blocks += [self.rows("k", j), self.rows("v", j)]
         return blocks
 
+    def weight_name(self, layer: int, module: str) -> str:
+        """Checkpoint key of a projection's weight, e.g. ``model.layers.3.self_attn.q_proj.weight``."""
+        return f"{self.module_path(layer, module)}.weight"
+
     def tensor_names(self, layer: int) -> list[str]:
         """Checkpoint keys of one layer's Q/K/V weights (and biases when the model has them)."""
         suffixes = ("weight", "bias") if self.qkv_bias else ("weight",)

@@ -61,7 +61,7 @@ def resolve_model_dir(name: str) -> Path:
         if (local / INDEX_FILE).is_file():
             spec = AttentionSpec.from_pretrained(local)
             index = read_index(local / INDEX_FILE)
-            wanted = {f"{spec.module_path(layer, m)}.weight" for layer in range(spec.num_layers) for m in spec.modules}
+            wanted = {spec.weight_name(layer, m) for layer in range(spec.num_layers) for m in spec.modules}
             shards = sorted({index[t] for t in wanted if t in index})
             local = Path(snapshot_download(name, allow_patterns=["config.json", INDEX_FILE, *shards]))
         else:
@@ -171,9 +171,7 @@ class CheckpointReader:
                 )
             raise AlpsError(f"{self.label} {self.dir}: no {SINGLE_FILE} or {INDEX_FILE}; not a safetensors checkpoint")
         wanted = [
-            (m, f"{self.spec.module_path(layer, m)}.weight")
-            for layer in range(self.spec.num_layers)
-            for m in self.spec.modules
+            (m, self.spec.weight_name(layer, m)) for layer in range(self.spec.num_layers) for m in self.spec.modules
         ]
         headers: dict[Path, dict[str, TensorInfo]] = {}
         for module, name in wanted:
@@ -201,8 +199,8 @@ class CheckpointReader:
         """
         index = self.dir / PICKLE_INDEX_FILE
         files = sorted(set(read_index(index).values())) if index.is_file() else [PICKLE_FILE]
-        wanted = {f"{self.spec.module_path(layer, m)}.weight": m for layer in range(self.spec.num_layers)
-                  for m in self.spec.modules}  # fmt: skip
+        spec = self.spec
+        wanted = {spec.weight_name(layer, m): m for layer in range(spec.num_layers) for m in spec.modules}
         codes = {dtype: code for code, dtype in _DTYPES.items()}
         for name in files:
             path = self.dir / name
@@ -237,9 +235,6 @@ class CheckpointReader:
             code = codes.get(tensor.dtype, str(tensor.dtype).removeprefix("torch.").upper())
             self._tensors[key] = TensorInfo(self.dir / PICKLE_FILE, code, tuple(tensor.shape), 0, nbytes)
 
-    def _weight_names(self, layer: int) -> list[str]:
-        return [f"{self.spec.module_path(layer, m)}.weight" for m in self.spec.modules]
-
     def layer(self, layer: int) -> dict[str, torch.Tensor]:
         """Module name -> Q/K/V projection weight of ``layer``, in the checkpoint's dtype.
 
@@ -252,7 +247,8 @@ class CheckpointReader:
         slot = self._slots[self._next]
         self._next ^= 1
         out = {}
-        for module, name in zip(self.spec.modules, self._weight_names(layer)):
+        for module in self.spec.modules:
+            name = self.spec.weight_name(layer, module)
             out[module] = self._read(name, self._tensors[name], slot, module)
         return out
 

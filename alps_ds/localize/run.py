@@ -55,7 +55,7 @@ def _read_layer(reader: CheckpointReader, layer: int) -> dict[str, torch.Tensor]
         # (isfinite(w).all() allocates and runs several kernels; a float64 sum of bf16 was 100x slower).
         lo, hi = torch.aminmax(w)
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
-            name = f"{reader.spec.module_path(layer, module)}.weight"
+            name = reader.spec.weight_name(layer, module)
             raise AlpsError(
                 f"{reader.label} {reader.dir}: tensor {name!r} holds NaN or inf; the checkpoint is corrupt "
                 "(re-download it or fix the training run that wrote it)"

@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    from alps_ds.train.distributed import shutdown
     from alps_ds.train.loop import train
 
     train(cfg, resume=args.resume)
+    shutdown()
     return 0

@@ -286,7 +286,7 @@ def main(argv: list[str]) -> int:
     import huggingface_hub.utils
     import transformers
 
-    from alps_ds.train.distributed import init_distributed
+    from alps_ds.train.distributed import init_distributed, shutdown
 
     out = Path(argv[0]).resolve()
     cfg = DemoConfig.load(out / "config.json")
@@ -318,7 +318,7 @@ def main(argv: list[str]) -> int:
             flush()
     results["seconds"] = time.time() - started
     flush()
-    dist.barrier()
+    shutdown()
     return 0
 
 

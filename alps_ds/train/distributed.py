@@ -66,3 +66,14 @@ def broadcast(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def shutdown() -> None:
+    """Wait for every rank, then leave the process group before the interpreter exits: left to
+    exit-time teardown, gloo's threads can abort a finished rank ("terminate called without an
+    active exception", SIGABRT) and turn a good run into a failed launch."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -130,6 +130,7 @@ def main() -> None:
             json.dump(results, f)
         os.replace(sys.argv[1] + ".tmp", sys.argv[1])
     dist.barrier()
+    dist.destroy_process_group()  # before exit: gloo torn down at exit can abort a finished rank
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ def main() -> None:
             json.dump(results, f, indent=1)
         os.replace(out_path + ".tmp", out_path)
     dist.barrier()
+    dist.destroy_process_group()  # before exit: gloo torn down at exit can abort a finished rank
 
 
 if __name__ == "__main__":

@@ -226,6 +226,7 @@ def main() -> int:
         with open(out, "w") as f:
             json.dump(results, f, indent=1, default=str)
     dist.barrier()
+    dist.destroy_process_group()  # before exit: gloo torn down at exit can abort a finished rank
     return 0
 
 

@@ -372,3 +372,25 @@ def test_check_plans_memory_for_what_the_run_config_trains(model_dir, capsys, de
     offloaded = " + offload" if offload else ""
     want = f"{plan.verdict(plan.rows[0])} per GPU, ZeRO-{zero}{offloaded}, {dtype}, seq 200 x micro batch 3"
     assert f"OK   memory: {want}, checkpointing off" in out
+
+
+def test_shipped_70b_run_config_passes_preflight_on_64_gpus(tmp_path, capsys):
+    """configs/llama-3.1-70b.yaml with a 10 % selection fits 64 x 80 GB; the same job without
+    activation checkpointing is refused before launch (the memory line says why)."""
+    from alps_ds.choose import count_for_ratio, random_heads
+
+    model = REPO / "configs" / "models" / "llama-3.1-70b.json"
+    spec = AttentionSpec.from_pretrained(model)
+    k = count_for_ratio(0.1, spec.num_layers, spec.num_heads)
+    heads = HeadSelection(spec.fingerprint, random_heads(spec.num_layers, spec.num_heads, k, 0), Provenance("random"))
+    heads.save(tmp_path / "heads.json")
+    argv = ["check", "--config", "configs/llama-3.1-70b.yaml", "--model", str(model), "--world-size", "64"]
+    argv += ["--gpu-mem", "80", "--output-dir", str(tmp_path / "out"), "--heads", str(tmp_path / "heads.json")]
+    assert main(argv) == 0
+    assert "OK   memory: fits" in capsys.readouterr().out
+    config = tmp_path / "no-ckpt.yaml"
+    text = (REPO / "configs" / "llama-3.1-70b.yaml").read_text()
+    config.write_text(text.replace("gradient_checkpointing: true", "gradient_checkpointing: false"))
+    assert main([*argv[:2], str(config), *argv[3:]]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL memory: does not fit" in err and "checkpointing off" in err and "try activation checkpointing" in err

@@ -36,6 +36,8 @@ def test_shipped_configs_load():
     assert tiny.model.path == "tiny:llama" and tiny.data.datasets[0].path == "configs/data/tiny.jsonl"
     paper = load_config(REPO / "configs" / "paper_recipe.yaml")
     assert paper.train.lr == 2e-5 and paper.deepspeed["bf16"]["enabled"] is True
+    big = load_config(REPO / "configs" / "llama-3.1-70b.yaml")
+    assert big.deepspeed["zero_optimization"]["stage"] == 3 and big.train.gradient_checkpointing is True
     for name in ("ds_zero2.json", "ds_zero3.json", "ds_zero3_offload.json"):
         ds = json.loads((REPO / "configs" / name).read_text())
         assert "auto" not in json.dumps(ds)

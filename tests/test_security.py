@@ -158,10 +158,11 @@ def test_custom_code_in_a_model_folder_never_runs(models, tmp_path, capsys):
         ["plan", "--model", str(model), "--gpu-mem", "80"],
         ["layout", "--heads", str(heads / "heads.json"), "--model", str(model)],
     ):
-        main(argv)
-        capsys.readouterr()
+        rc = main(argv)
+        err = capsys.readouterr().err
         assert not marker.exists(), f"{argv[0]} ran custom code from the model folder"
-    assert (heads / "heads.json").is_file()  # the commands did read the folder
+        assert rc == 0, (argv[0], err)  # it read the folder and did its work, not refused it before reading
+    assert (heads / "heads.json").is_file()
 
 
 def _calls(tree: ast.AST):

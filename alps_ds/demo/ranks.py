@@ -229,7 +229,7 @@ class Demo:
 
         log("[3/4] localizing heads: ALPS scores of base vs task model")
         target = self.out / "localize"
-        code = torch.zeros(1, dtype=torch.int64)
+        code = torch.zeros(1, dtype=torch.int64, device=self.device)  # NCCL broadcasts GPU tensors only
         if self.rank == 0:
             argv = ["localize", "--base", str(base), "--task", str(task), "--out", str(target)]
             code[0] = cli_main([*argv, "--ratio", str(self.cfg.ratio), "--device", "cpu", "--quiet"])

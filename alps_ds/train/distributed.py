@@ -30,6 +30,11 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     port = int(os.environ.get("MASTER_PORT", 29500))
     deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, verbose=False)
+    from deepspeed.accelerator import get_accelerator
+
+    # Before the first collective: NCCL object collectives (broadcast_object_list) use the current
+    # GPU, which would otherwise be GPU 0 on every rank of a node (a no-op on CPU).
+    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
 
 

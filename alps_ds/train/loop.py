@@ -143,7 +143,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
             engine.step()
             loss_sum += float(loss.detach().float())
         done = step + 1
-        totals = torch.tensor([loss_sum / grad_accum, float(tokens)], dtype=torch.float64)
+        # on the engine's device: NCCL reduces only GPU tensors (gloo takes the CPU one)
+        totals = torch.tensor([loss_sum / grad_accum, float(tokens)], dtype=torch.float64, device=engine.device)
         dist.all_reduce(totals)
         last_loss = float(totals[0]) / world
         first_loss = last_loss if first_loss is None else first_loss

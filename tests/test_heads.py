@@ -450,7 +450,6 @@ def test_cli_show_prints_a_terminal_heatmap_marking_selected_heads(files, capsys
 
 def test_resize_equals_a_fresh_localize_at_that_ratio(tmp_path, capsys):
     """Acceptance: re-cutting a saved selection gives exactly what localize gives at that ratio."""
-    pytest.importorskip("alps_ds.commands.localize")
     import torch
 
     from alps_ds.tiny import build_model, save_model, tiny_config

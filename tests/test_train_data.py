@@ -158,10 +158,13 @@ def test_packing_keeps_tokens_and_labels_aligned(tok, tmp_path):
     stream_labels = [t for e in plain for t in e.labels]
     assert all(len(e) == 32 for e in packed)
     blocks = [(stream_ids[i : i + 32], stream_labels[i : i + 32]) for i in range(0, len(stream_ids) - 31, 32)]
-    expected = [b for b in blocks if any(x != IGNORE for x in b[1])]  # prompt-only blocks carry no loss
+    expected = [b for b in blocks if any(x != IGNORE for x in b[1][1:])]  # prompt-only blocks carry no loss
     assert 0 < len(expected) < len(blocks)
     assert [(list(e.input_ids), list(e.labels)) for e in packed] == expected
     assert pack([([1, 2], [IGNORE, IGNORE])] * 4, 4) == []  # blocks with no label are dropped
+    # The model shifts labels left: a block whose only label is its first token has no target (its loss is NaN).
+    ids, labels = [10, 11, 12, 13, 14, 15, 16, 17], [IGNORE, IGNORE, 12, 13, 14, IGNORE, IGNORE, IGNORE]
+    assert pack([(ids, labels)], 4) == [Example((10, 11, 12, 13), (IGNORE, IGNORE, 12, 13))]
 
 
 def test_step_plan_is_deterministic_disjoint_and_world_size_independent():

@@ -264,7 +264,7 @@ def tokenize_all(cfg: DataConfig, tokenizer, *, progress: bool = False) -> tuple
             if len(ids) > cfg.max_length:
                 truncated += 1
                 ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-            if all(x == IGNORE for x in labels):
+            if not has_target(labels):
                 dropped += 1
                 continue
             examples.append(Example(tuple(ids), tuple(labels)))
@@ -283,8 +283,15 @@ def tokenize_all(cfg: DataConfig, tokenizer, *, progress: bool = False) -> tuple
     return examples, stats
 
 
+def has_target(labels: Sequence[int]) -> bool:
+    """Whether a sequence gives the loss any target: HF causal LMs shift labels left, so position 0 is never one
+    (a sequence whose only label sits there would make the mean loss 0/0 = NaN)."""
+    return any(x != IGNORE for x in labels[1:])
+
+
 def pack(stream: Sequence[tuple[list[int], list[int]]], max_length: int) -> list[Example]:
-    """Concatenate examples (in order) and cut into full ``max_length`` blocks; the last partial block is dropped.
+    """Concatenate examples (in order) and cut into full ``max_length`` blocks; the last partial block and
+    blocks without a target (:func:`has_target`) are dropped.
 
     Attention is not masked at example boundaries (plain concatenation packing).
     """
@@ -293,7 +300,7 @@ def pack(stream: Sequence[tuple[list[int], list[int]]], max_length: int) -> list
     out = []
     for start in range(0, len(ids) - max_length + 1, max_length):
         block_labels = labels[start : start + max_length]
-        if any(x != IGNORE for x in block_labels):
+        if has_target(block_labels):
             out.append(Example(tuple(ids[start : start + max_length]), tuple(block_labels)))
     return out
 

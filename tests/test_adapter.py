@@ -144,12 +144,15 @@ def test_merge_into_sharded_checkpoint_equals_merge_and_copies_untouched_shards(
 
 
 def test_cli_merge_and_errors(trained, tmp_path, capsys):
-    root, *_ = trained
+    root, _, model, _ = trained
     assert (
         main(["merge", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--out", str(tmp_path / "m")])
         == 0
     )
     assert (tmp_path / "m" / "config.json").is_file()
+    written = {k: v for f in (tmp_path / "m").glob("*.safetensors") for k, v in load_file(f).items()}
+    expected = merge(copy.deepcopy(model)).state_dict()  # the trained rows, not the base's
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], v) for k, v in expected.items())
     assert main(["merge", "--base", str(root / "base"), "--adapter", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "not an alps-ds adapter" in capsys.readouterr().err
     base = str(root / "base")

@@ -40,6 +40,12 @@ def test_frozen_parameters_and_rows_bit_identical(results, cid):
 
 
 @pytest.mark.parametrize("cid", TRAINED)
+def test_trained_slices_started_from_the_base_rows(results, cid):
+    r = get(results, cid)  # the slices hold the base's rows when training starts (under zero.Init too)
+    assert r["slices_started_from_base"], r["problems"]
+
+
+@pytest.mark.parametrize("cid", TRAINED)
 def test_every_selected_row_changed(results, cid):
     r = get(results, cid)
     assert r["selected_rows_changed"], r["problems"]

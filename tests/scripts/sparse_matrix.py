@@ -3,7 +3,8 @@
 Each case builds a fresh tiny model (optionally under ``zero.Init``), applies a head selection,
 trains a few AdamW steps (weight decay 0.1) through ``deepspeed.initialize``, merges, and
 records what tests/test_sparse_engine.py asserts: bit-identity of everything not selected,
-change of every selected row, falling loss, and the elements the optimizer really holds per rank.
+slices that start from the base rows, change of every selected row, falling loss, and the
+elements the optimizer really holds per rank.
 
 usage: torchrun --nproc_per_node 2 tests/scripts/sparse_matrix.py OUT.json [CASE_ID ...]
 """
@@ -150,7 +151,7 @@ def run_case(c, rank, world, adapter_root):
     after = full_state(engine.module)
 
     rows = {spec.module_path(r.layer, r.module): r for r in trainable_rows(spec, HEADS, c["kv"])}
-    frozen_same, rows_same, rows_changed, problems = True, True, True, []
+    frozen_same, rows_same, rows_changed, from_base, problems = True, True, True, True, []
     for name, a in after.items():
         mod = name.rpartition(".")[0]
         if mod in rows:
@@ -163,6 +164,7 @@ def run_case(c, rank, world, adapter_root):
                 problems.append(f"{name}: non-selected rows moved")
             trained = before[f"{mod}.head_{name.rpartition('.')[2]}"]
             if not torch.equal(b[idx], trained):
+                from_base = False
                 problems.append(f"{name}: slice did not start from the base rows")
             delta = (a[idx] - b[idx]).reshape(len(idx), -1).abs().amax(dim=1)
             if not bool((delta > 0).all()):
@@ -183,7 +185,7 @@ def run_case(c, rank, world, adapter_root):
     counts = [None] * world
     dist.all_gather_object(counts, opt_elems)
     oks = [None] * world
-    dist.all_gather_object(oks, (frozen_same, rows_same, rows_changed, problems))
+    dist.all_gather_object(oks, (frozen_same, rows_same, rows_changed, from_base, problems))
     engine.destroy()
     return dict(
         c,
@@ -192,9 +194,10 @@ def run_case(c, rank, world, adapter_root):
         frozen_identical=all(o[0] for o in oks),
         nonselected_rows_identical=all(o[1] for o in oks),
         selected_rows_changed=all(o[2] for o in oks),
+        slices_started_from_base=all(o[3] for o in oks),
         others_changed=others_changed,
         adapter_matches=adapter_matches,
-        problems=[p for o in oks for p in o[3]][:10],
+        problems=[p for o in oks for p in o[4]][:10],
         optimizer_elements_per_rank=counts,
         analytic_elements=analytic,
         report_trainable=report.trainable,

@@ -21,7 +21,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import wasserstein_distance
 
 from alps_ds.arch import AttentionSpec
-from alps_ds.choose import count_for_ratio, top_k
+from alps_ds.choose import count_for_ratio, random_heads, top_k
 from alps_ds.cli import main
 from alps_ds.localize import localize_scores
 from alps_ds.localize.score import DTYPES, METRICS
@@ -245,9 +245,13 @@ def test_cli_writes_selection_scores_and_heatmap(pairs, tmp_path, capsys):
 def test_cli_select_methods_and_explicit_heads(pairs, tmp_path, capsys):
     spec, base, task = pairs["mistral"]
     out = tmp_path / "o"
-    assert _run(capsys, "--base", base, "--task", task, "--out", out, "--select", "random", "--seed", "7")[0] == 0
+    argv = ["--base", base, "--task", task, "--out", out, "--ratio", "0.5"]
+    assert _run(capsys, *argv, "--select", "random", "--seed", "7")[0] == 0
     sel = HeadSelection.load(out / "heads.json")
     assert sel.provenance.select == "random" and sel.provenance.seed == 7 and sel.scores is not None
+    # the heads are the seed-7 draw of ceil(0.5 x 12) heads, not only labelled with it
+    drawn = {seed: tuple(sorted(random_heads(LAYERS, 4, 6, seed=seed))) for seed in (7, 0)}
+    assert sel.heads == drawn[7] != drawn[0]
     assert _run(capsys, "--base", base, "--task", task, "--out", out, "--heads", "2:3,0:1")[0] == 0
     sel = HeadSelection.load(out / "heads.json")
     assert sel.heads == ((0, 1), (2, 3)) and sel.provenance.select == "explicit" and sel.provenance.ratio is None

@@ -178,6 +178,13 @@ def test_resume_equals_a_straight_run(runs):
         assert b["lr"] == pytest.approx(a["lr"], abs=1e-12)
     s = json.loads((runs["resumed"] / "summary.json").read_text())
     assert s["resumed_from"] == 6 and s["steps"] == STEPS
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["resumed"] / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()  # the resumed run's TensorBoard still holds every step, the checkpoint's included
+    events = acc.Scalars("train/loss")
+    assert [e.step for e in events] == list(range(1, STEPS + 1))
+    assert [e.value for e in events] == pytest.approx([r["loss"] for r in resumed], rel=1e-6)
     a = load_file(str(runs["straight"] / "merged" / "model.safetensors"))
     b = load_file(str(runs["resumed"] / "merged" / "model.safetensors"))
     for key in a:

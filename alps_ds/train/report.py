@@ -62,7 +62,8 @@ def open_tensorboard(path: Path, cfg: RunConfig, selection, report, start_step: 
     """A SummaryWriter with the run config, trainable elements and the head heatmap (rank 0)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(path), purge_step=start_step or None)
+    # A resume drops events after the checkpoint (a crashed run's steps past it), keeping the checkpoint's own step.
+    writer = SummaryWriter(str(path), purge_step=start_step + 1 if start_step else None)
     writer.add_text("run/config", "```\n" + json.dumps(cfg.to_dict(), indent=1) + "\n```", start_step)
     writer.add_scalar("model/trainable_elements", report.trainable, start_step)
     writer.add_scalar("model/trainable_fraction", report.fraction, start_step)

@@ -255,3 +255,51 @@ def test_atomic_dir_replaces_despite_a_backup_left_by_a_killed_run(tmp_path):
         (tmp / "model.safetensors").write_bytes(b"new")
     assert (target / "model.safetensors").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "merged"]  # only the stale one is left
+
+
+# ---- a failure on rank 0 alone ---------------------------------------------------------------------------------------
+
+RANK0_FAILS = """
+import sys, torch.distributed as dist
+from pathlib import Path
+from alps_ds.errors import AlpsError
+from alps_ds.train.config import ModelConfig, RunConfig
+from alps_ds.train.model import resolve_model_dir
+dist.init_process_group("gloo")
+cfg = RunConfig(model=ModelConfig(path="no-such-org/no-such-model"))
+try:
+    resolve_model_dir(cfg, Path(sys.argv[1]), dist.get_rank())
+except AlpsError as e:
+    print("AlpsError:", e, flush=True)
+dist.barrier()  # every rank still reaches the next collective
+dist.destroy_process_group()
+"""
+
+
+def test_an_error_on_rank_0_reaches_every_rank(tmp_path):
+    """Only rank 0 downloads a hub model: when that fails, every rank stops with the same one-line
+    error instead of the others waiting for rank 0 in a collective (a hang on other nodes)."""
+    from dist import free_port
+
+    env = rank_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"})
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK0_FAILS, str(tmp_path)],
+            cwd=REPO,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=120)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {rank}:\n{out[-2000:]}"
+        assert "AlpsError: model.path: 'no-such-org/no-such-model' is not a local folder" in out, f"rank {rank}: {out}"

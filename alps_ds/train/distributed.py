@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
+
+from alps_ds.errors import AlpsError
 
 MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
@@ -71,6 +74,27 @@ def broadcast(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_rank0(fn: Callable[[], Any], rank: int) -> Any:
+    """``fn()`` run by rank 0 alone, its result handed to every rank; if it fails, every rank fails.
+
+    Rank 0 raises its own exception; the others raise it as an AlpsError instead of waiting in the
+    next collective for a rank that is gone (a hang until the collective's timeout on other nodes).
+    """
+    result = error = failure = None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            failure = e
+            error = str(e) if isinstance(e, AlpsError) else f"rank 0 failed: {type(e).__name__}: {e}"
+    result, error = broadcast((result, error))
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise AlpsError(error)
+    return result
 
 
 def shutdown() -> None:

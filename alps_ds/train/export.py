@@ -10,16 +10,16 @@ import torch
 from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_dir
 from alps_ds.train.config import RunConfig
-from alps_ds.train.distributed import barrier
+from alps_ds.train.distributed import barrier, on_rank0
 
 
 def export(cfg: RunConfig, engine, selection, model_dir: Path, out: Path, rank: int):
     """OUT/merged (base checkpoint with trained rows written in) and OUT/adapter; collective."""
     trained = trained_tensors(engine)
-    merged_dir = adapter_dir = None
-    if rank == 0 and cfg.output.merged:
-        merged_dir = out / "merged"
-        write_merged(model_dir, merged_dir, merged_updates(engine, trained))
+    merged_dir = out / "merged" if cfg.output.merged else None
+    adapter_dir = None
+    if merged_dir is not None:  # rank 0 writes; a failure there (disk full, ...) fails every rank
+        on_rank0(lambda: write_merged(model_dir, merged_dir, merged_updates(engine, trained)), rank)
     if cfg.output.adapter:
         from alps_ds.adapter import save_adapter
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alps_ds.errors import AlpsError
 from alps_ds.train.config import RunConfig
-from alps_ds.train.distributed import broadcast
+from alps_ds.train.distributed import on_rank0
 
 
 def resolve_selection(cfg: RunConfig, spec, model_dir: Path, out: Path, rank: int, resume: bool):
@@ -21,15 +20,7 @@ def resolve_selection(cfg: RunConfig, spec, model_dir: Path, out: Path, rank: in
     if sel_cfg.heads:
         selection = HeadSelection.load(sel_cfg.heads, spec=spec)
     elif sel_cfg.method == "top-k":
-        selection = None
-        if rank == 0:
-            try:
-                selection = localize_selection(cfg, model_dir, spec, count_for_ratio, top_k)
-            except AlpsError as e:  # hand the error to every rank instead of leaving them waiting
-                selection = e
-        selection = broadcast(selection)
-        if isinstance(selection, AlpsError):
-            raise AlpsError(str(selection))
+        selection = on_rank0(lambda: localize_selection(cfg, model_dir, spec, count_for_ratio, top_k), rank)
     else:
         heads = choose(
             sel_cfg.method,

@@ -10,7 +10,7 @@ import torch
 from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_dir
 from alps_ds.train.config import RunConfig
-from alps_ds.train.distributed import barrier
+from alps_ds.train.distributed import on_rank0
 
 
 def resolve_model_dir(cfg: RunConfig, out: Path, rank: int) -> Path:
@@ -18,9 +18,12 @@ def resolve_model_dir(cfg: RunConfig, out: Path, rank: int) -> Path:
     path = cfg.model.path
     if path.startswith("tiny:"):
         target = out / "base"
-        if rank == 0 and not (target / "config.json").exists():
-            build_tiny_base(path.removeprefix("tiny:"), target, seed=cfg.model.seed)
-        barrier()
+
+        def build() -> None:
+            if not (target / "config.json").exists():
+                build_tiny_base(path.removeprefix("tiny:"), target, seed=cfg.model.seed)
+
+        on_rank0(build, rank)
         return target
     local = Path(path).expanduser()
     if local.is_dir():
@@ -44,9 +47,7 @@ def resolve_model_dir(cfg: RunConfig, out: Path, rank: int) -> Path:
         except Exception as e:
             raise AlpsError(f"model.path: {path!r} is not a local folder and the hub download failed ({e})") from e
 
-    if rank == 0:
-        fetch()
-    barrier()
+    on_rank0(fetch, rank)  # downloaded once; the other ranks then find it in the cache
     return Path(fetch())
 
 

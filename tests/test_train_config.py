@@ -57,6 +57,7 @@ def test_shipped_configs_load():
         ("deepspeed: [1]", "run.yaml: deepspeed: expected a string or a mapping or null, got [1]"),
         ("train: {warmup_ratio: 1.5}", "run.yaml: train.warmup_ratio: must be in [0, 1)"),
         ("selection: {method: top-k}", "run.yaml: selection.task:"),
+        ("model: tiny:lama", "run.yaml: model.path: no tiny model family 'lama'; use tiny:<family>, one of"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, yaml_text, message):

@@ -361,6 +361,15 @@ def validate(cfg: RunConfig) -> None:
             raise AlpsError(f"{src}: {key}: {msg}")
 
     need(bool(cfg.model.path), "model.path", "required: a Hugging Face model folder, hub id, or tiny:llama")
+    if cfg.model.path.startswith("tiny:"):
+        from alps_ds.arch import SUPPORTED_MODEL_TYPES
+
+        family = cfg.model.path.removeprefix("tiny:") or "llama"
+        need(
+            family in SUPPORTED_MODEL_TYPES,
+            "model.path",
+            f"no tiny model family {family!r}; use tiny:<family>, one of {', '.join(SUPPORTED_MODEL_TYPES)}",
+        )
     need(bool(cfg.data.datasets), "data.datasets", "required: at least one dataset (a local file or hub name)")
     for i, ds in enumerate(cfg.data.datasets):
         need(bool(ds.path), f"data.datasets[{i}].path", "required")

@@ -35,8 +35,11 @@ def read_latest(ckpt_dir: Path) -> dict[str, Any] | None:
 
 
 def rng_state() -> dict[str, Any]:
-    """This rank's Python, NumPy and torch RNG state, saved beside each checkpoint."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This rank's Python, NumPy, torch (and its GPU's) RNG state, saved beside each checkpoint."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout on a GPU draws from the GPU's generator, not torch's CPU one
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -44,6 +47,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> str:

@@ -120,7 +120,7 @@ class Demo:
         for i, row in enumerate(rows):
             where = f"held-out row {i}"
             segments = chat_segments(to_messages(row, "prompt-completion", where), None, self.tokenizer, where)
-            ids, labels = encode(segments, self.tokenizer, None, bos=False)
+            ids, labels = encode(segments, self.tokenizer, bos=False)
             out.append(Example(tuple(ids), tuple(labels)))
         return out
 

@@ -219,10 +219,8 @@ def chat_segments(messages: list[dict[str, str]], system: str | None, tokenizer,
     return [(t, trained) for t, trained in segments if t]
 
 
-def encode(
-    segments: list[tuple[str, bool]], tokenizer, max_length: int | None, *, bos: bool
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels (prompt segments -100); truncated on the right to ``max_length`` when given."""
+def encode(segments: list[tuple[str, bool]], tokenizer, *, bos: bool) -> tuple[list[int], list[int]]:
+    """Token ids and labels (prompt segments -100), untruncated."""
     ids: list[int] = []
     labels: list[int] = []
     if bos and tokenizer.bos_token_id is not None:
@@ -232,8 +230,6 @@ def encode(
         part = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += part
         labels += part if trained else [IGNORE] * len(part)
-    if max_length is not None:
-        ids, labels = ids[:max_length], labels[:max_length]
     return ids, labels
 
 
@@ -253,10 +249,10 @@ def tokenize_all(cfg: DataConfig, tokenizer, *, progress: bool = False) -> tuple
             messages = to_messages(row, fmt, where)
             if cfg.template == "alpaca":
                 segments = alpaca_segments(messages, cfg.system, eos)
-                ids, labels = encode(segments, tokenizer, None, bos=True)
+                ids, labels = encode(segments, tokenizer, bos=True)
             else:
                 segments = chat_segments(messages, cfg.system, tokenizer, where)
-                ids, labels = encode(segments, tokenizer, None, bos=False)
+                ids, labels = encode(segments, tokenizer, bos=False)
             rows_total += 1
             if cfg.packing:
                 stream.append((ids, labels))

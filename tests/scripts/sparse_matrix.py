@@ -177,9 +177,11 @@ def run_case(c, rank, world, adapter_root):
     analytic = sum(r.num_rows * (spec.hidden_size + (1 if spec.qkv_bias else 0)) for r in rows.values())
     analytic += sum(p.numel() for n, p in after.items() if any(x in n for x in c["others"]))
 
-    # The adapter written before merge must hold the real trained rows (not ZeRO-3's empty partitions).
+    # The adapter written before merge holds every hooked module, with the real trained rows (not ZeRO-3's
+    # empty partitions).
     adapter = load_file(f"{adapter_dir}/adapter.safetensors")
-    adapter_matches = bool(adapter) and all(
+    hooked_tensors = {k for k in after if k.rpartition(".")[0] in rows}  # weight (and bias) of every hooked module
+    adapter_matches = adapter.keys() == hooked_tensors and all(
         torch.equal(t, after[k][torch.tensor(rows[k.rpartition(".")[0]].indices())]) for k, t in adapter.items()
     )
     counts = [None] * world

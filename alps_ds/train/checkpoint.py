@@ -23,15 +23,26 @@ LATEST = "latest.json"
 
 
 def read_latest(ckpt_dir: Path) -> dict[str, Any] | None:
-    """The pointer to the last complete checkpoint, or None."""
+    """The pointer to the last complete checkpoint (tag, step, and the world size that wrote it), or None."""
     path = ckpt_dir / LATEST
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text())
-        return {"tag": str(data["tag"]), "step": int(data["step"])}
-    except (ValueError, KeyError, TypeError) as e:
+        world = data.get("world_size")
+        return {"tag": str(data["tag"]), "step": int(data["step"]), "world_size": None if world is None else int(world)}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise AlpsError(f"{path}: unreadable checkpoint pointer ({e}); delete it to start over") from e
+
+
+def check_world_size(ckpt_dir: Path, latest: dict[str, Any], world: int) -> None:
+    """A ZeRO checkpoint is partitioned over the ranks that wrote it: resume on as many (every rank
+    reads the same pointer, so every rank raises and none is left waiting in a collective)."""
+    if latest["world_size"] not in (None, world):
+        raise AlpsError(
+            f"{ckpt_dir / LATEST}: checkpoint {latest['tag']} was written by {latest['world_size']} ranks, this run "
+            f"has {world}; resume with {latest['world_size']} ranks (ZeRO state is partitioned per rank)"
+        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -51,7 +62,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> str:
+def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, world: int, keep: int) -> str:
     """Save under a new tag, then (after every rank finished) point ``latest.json`` at it.
 
     A crash at any moment leaves ``latest.json`` naming a complete checkpoint (or none yet).
@@ -64,7 +75,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> 
         torch.save({"step": step, "rng": rng_state()}, f)
     barrier()
     if rank == 0:
-        atomic_write_text(ckpt_dir / LATEST, json.dumps({"tag": tag, "step": step}) + "\n")
+        atomic_write_text(ckpt_dir / LATEST, json.dumps({"tag": tag, "step": step, "world_size": world}) + "\n")
         prune_checkpoints(ckpt_dir, keep, newest=step)
     barrier()
     return tag

@@ -65,6 +65,18 @@ def merged_updates(engine, trained: dict[str, torch.Tensor]) -> dict[str, tuple[
     return updates
 
 
+# Weight files other than safetensors: copied into merged/ they would hold the untrained base beside
+# the trained shards (and from_pretrained may pick them up).
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def _is_weights(name: str) -> bool:
+    """A weight file or the index of non-safetensors shards (``pytorch_model.bin.index.json``)."""
+    if name == "model.safetensors.index.json":  # the shard names it maps are the ones merged/ writes
+        return False
+    return name.removesuffix(".index.json").endswith((".safetensors", *_OTHER_WEIGHTS))
+
+
 def write_merged(model_dir: Path, target: Path, updates: dict[str, tuple[torch.Tensor | None, torch.Tensor]]) -> None:
     """Copy the base checkpoint shard by shard, writing the trained rows/tensors in (base dtype).
 
@@ -77,8 +89,8 @@ def write_merged(model_dir: Path, target: Path, updates: dict[str, tuple[torch.T
         raise AlpsError(f"{model_dir}: no *.safetensors files; export needs a safetensors base checkpoint")
     pending = dict(updates)
     with atomic_dir(target) as tmp:
-        for item in model_dir.iterdir():
-            if item.is_file() and item.suffix != ".safetensors" and not item.name.startswith("."):
+        for item in model_dir.iterdir():  # config, tokenizer, generation config, the shard index
+            if item.is_file() and not item.name.startswith(".") and not _is_weights(item.name):
                 shutil.copy2(item, tmp / item.name)
         for shard in shards:
             tensors = load_file(str(shard))

@@ -20,7 +20,7 @@ import torch
 
 from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_write_text
-from alps_ds.train.checkpoint import load_checkpoint, read_latest, save_checkpoint
+from alps_ds.train.checkpoint import check_world_size, load_checkpoint, read_latest, save_checkpoint
 from alps_ds.train.config import RunConfig, gradient_accumulation
 from alps_ds.train.data import StepPlan, collate, tokenize_all
 from alps_ds.train.distributed import barrier, init_distributed, quiet_logs
@@ -43,6 +43,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
         raise AlpsError(f"output.dir: {out} already holds checkpoints; pass --resume or choose another output.dir")
     if resume and latest is None and rank == 0:
         print(f"alps-ds train: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
+    if latest is not None:
+        check_world_size(ckpt_dir, latest, world)
 
     import deepspeed
     import torch.distributed as dist
@@ -165,11 +167,11 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
         every = cfg.output.checkpoint_every
         if every and done % every == 0 and done < stop_at:
-            save_checkpoint(engine, ckpt_dir, done, rank, cfg.output.keep_checkpoints)
+            save_checkpoint(engine, ckpt_dir, done, rank, world, cfg.output.keep_checkpoints)
     final_step = min(step, stop_at)
     bar.close()
     if final_step > start_step or latest is None:
-        save_checkpoint(engine, ckpt_dir, final_step, rank, cfg.output.keep_checkpoints)
+        save_checkpoint(engine, ckpt_dir, final_step, rank, world, cfg.output.keep_checkpoints)
 
     finished = final_step >= total_steps
     opt_bytes = optimizer_bytes(engine)

@@ -39,6 +39,14 @@ class Summary:
     adapter: str | None
 
 
+def _step_of(line: str) -> float:
+    """The step of one log line; a blank or half-written line (a kill mid-write) sorts after every step."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class TrainLog:
     """OUT/train_log.jsonl: one line per optimizer step (rank 0); a resume drops lines past the checkpoint."""
 
@@ -46,7 +54,7 @@ class TrainLog:
         self.path = path
         lines = []
         if keep_until is not None and path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
+            lines = [ln for ln in path.read_text().splitlines() if _step_of(ln) <= keep_until]
         atomic_write_text(path, "".join(ln + "\n" for ln in lines))
         self.f = path.open("a")
 

@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from alps_ds.train.distributed import shutdown
     from alps_ds.train.loop import train
 
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    except BaseException:
+        shutdown(wait=False)
+        raise
     shutdown()
     return 0

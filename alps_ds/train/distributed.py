@@ -97,12 +97,14 @@ def on_rank0(fn: Callable[[], Any], rank: int) -> Any:
     return result
 
 
-def shutdown() -> None:
-    """Wait for every rank, then leave the process group before the interpreter exits: left to
-    exit-time teardown, gloo's threads can abort a finished rank ("terminate called without an
-    active exception", SIGABRT) and turn a good run into a failed launch."""
+def shutdown(*, wait: bool = True) -> None:
+    """Leave the process group before the interpreter exits: left to exit-time teardown, gloo's
+    threads can abort a finished rank ("terminate called without an active exception", SIGABRT)
+    and turn a good run into a failed launch. ``wait``: first wait for every rank (a normal end;
+    after an error other ranks may never arrive, so a failing rank leaves without waiting)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

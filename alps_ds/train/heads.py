@@ -10,7 +10,7 @@ from alps_ds.train.distributed import on_rank0
 
 def resolve_selection(cfg: RunConfig, spec, model_dir: Path, out: Path, rank: int, resume: bool):
     """The run's HeadSelection, saved as OUT/heads.json by rank 0 (a resumed run reuses that file)."""
-    from alps_ds.choose import choose, count_for_ratio, top_k
+    from alps_ds.choose import choose
     from alps_ds.selection import HeadSelection, Provenance
 
     saved = out / "heads.json"
@@ -20,7 +20,7 @@ def resolve_selection(cfg: RunConfig, spec, model_dir: Path, out: Path, rank: in
     if sel_cfg.heads:
         selection = HeadSelection.load(sel_cfg.heads, spec=spec)
     elif sel_cfg.method == "top-k":
-        selection = on_rank0(lambda: localize_selection(cfg, model_dir, spec, count_for_ratio, top_k), rank)
+        selection = on_rank0(lambda: localize_selection(cfg, model_dir, spec), rank)
     else:
         heads = choose(
             sel_cfg.method,
@@ -37,23 +37,19 @@ def resolve_selection(cfg: RunConfig, spec, model_dir: Path, out: Path, rank: in
     return selection
 
 
-def localize_selection(cfg: RunConfig, model_dir: Path, spec, count_for_ratio, top_k):
+def localize_selection(cfg: RunConfig, model_dir: Path, spec):
     """Top-k heads of base (the model) vs task by alps_ds.localize (rank 0 only)."""
+    from alps_ds.choose import choose
     from alps_ds.localize import localize_scores
+    from alps_ds.localize.score import HEAD_REPRS, METRICS
     from alps_ds.selection import HeadSelection, Provenance
 
     s = cfg.selection
-    kwargs = {k: v for k, v in (("metric", s.metric), ("head_repr", s.head_repr)) if v is not None}
-    result = localize_scores(str(model_dir), s.task, progress=cfg.logging.progress, **kwargs)
-    k = count_for_ratio(s.ratio, spec.num_layers, spec.num_heads)
-    heads = top_k(result.scores, k)
+    metric, head_repr = s.metric or METRICS[0], s.head_repr or HEAD_REPRS[0]  # unset: localize's defaults
+    result = localize_scores(str(model_dir), s.task, metric=metric, head_repr=head_repr, progress=cfg.logging.progress)
+    heads = choose("top-k", num_layers=spec.num_layers, num_heads=spec.num_heads, ratio=s.ratio, scores=result.scores)
     provenance = Provenance(
-        select="top-k",
-        metric=kwargs.get("metric"),
-        head_repr=kwargs.get("head_repr"),
-        ratio=s.ratio,
-        base=cfg.model.path,
-        task=s.task,
+        select="top-k", metric=metric, head_repr=head_repr, ratio=s.ratio, base=cfg.model.path, task=s.task
     )
     scores = tuple(tuple(float(x) for x in row) for row in result.scores)
     return HeadSelection(spec.fingerprint, tuple(heads), provenance, scores)

@@ -51,7 +51,7 @@ _FAMILIES: dict[str, _Family] = {
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything else is meant as a local path."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
@@ -70,7 +70,7 @@ def read_config(name_or_path: str | os.PathLike) -> tuple[dict[str, Any], str]:
         if not isinstance(cfg, dict):
             raise AlpsError(f"{path}: expected a JSON object; point to a model's config.json")
         return cfg, str(path)
-    if path.parent.exists() and path.name == "config.json" or _looks_local(str(name_or_path)):
+    if path.parent.exists() and path.name == "config.json" or looks_local(str(name_or_path)):
         raise AlpsError(f"{name_or_path}: no config.json there; point to a Hugging Face model folder")
     try:
         from transformers import AutoConfig

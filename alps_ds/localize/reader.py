@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from alps_ds.arch import AttentionSpec, _looks_local
+from alps_ds.arch import AttentionSpec, looks_local
 from alps_ds.errors import AlpsError
 
 SINGLE_FILE = "model.safetensors"
@@ -52,7 +52,7 @@ def resolve_model_dir(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if _looks_local(name):  # the same rule config.json lookups use
+    if looks_local(name):  # the same rule config.json lookups use
         raise AlpsError(f"{name}: no such model folder; pass a folder written by save_pretrained or a hub id")
     try:
         from huggingface_hub import snapshot_download

@@ -28,8 +28,9 @@ from torch import nn
 from alps_ds.arch import AttentionSpec
 from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_dir
+from alps_ds.hooked import HeadRows, hook_state, hooked_modules, unwrap
 from alps_ds.selection import HeadSelection
-from alps_ds.sparse.module import row_index
+from alps_ds.sparse.module import gathered, row_index
 
 FORMAT = "alps-ds/adapter"
 VERSION = 1
@@ -120,13 +121,6 @@ class Adapter:
         return cls(selection, str(meta.get("kv")), str(meta.get("dtype")), modules, tensors)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The HF model inside a DeepSpeed engine (or any wrapper exposing ``.module``)."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
-
-
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -144,19 +138,13 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
     """
     from safetensors.torch import save_file
 
-    from alps_ds.sparse.hook import hooked_modules
-    from alps_ds.sparse.module import gathered
-
-    model = _unwrap(model)
-    selection = selection or getattr(model, "alps_selection", None)
-    if selection is None:
-        raise AlpsError("save_adapter: no selection given and the model was not hooked by alps_ds.apply")
+    model = unwrap(model)
+    state = hook_state(model)
     hooked = list(hooked_modules(model))
-    if not hooked:
+    if state is None or not hooked:
         raise AlpsError("save_adapter: model has no re-parametrized projections; call alps_ds.apply(model, ...) first")
-    from alps_ds.parallel.autotp import TPHeadRowsLinear
-
-    if any(isinstance(mod, TPHeadRowsLinear) for _, mod in hooked):
+    selection = selection or state[0]
+    if any(mod.hooked is not None and mod.hooked.tp_size > 1 for _, mod in hooked):
         # Each rank holds rows local to its shard: rank 0 alone would write an adapter missing the others.
         raise AlpsError(
             "save_adapter: the model is tensor-parallel (alps_ds.parallel.autotp) and each rank holds only "
@@ -176,7 +164,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
         meta = {
             "format": FORMAT,
             "version": VERSION,
-            "kv": getattr(model, "alps_kv", None),
+            "kv": state[1],
             "dtype": "/".join(sorted(dtypes)),
             "selection": selection.to_dict(),
             "modules": [e.to_dict() for e in entries],
@@ -196,11 +184,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     merged fine-tuned model); onto a model hooked with the same selection they go into the
     slice parameters (to continue training). Under ZeRO-3 call on every rank.
     """
-    from alps_ds.sparse.hook import hooked_modules
-    from alps_ds.sparse.module import HeadRowsLinear, gathered
-
     adapter = Adapter.read(adapter_dir)
-    model = _unwrap(model)
+    model = unwrap(model)
     if getattr(model, "config", None) is not None:
         adapter.selection.check_model(AttentionSpec.from_config(model.config), source=f"{adapter_dir}")
     hooked = {name: mod.ranges for name, mod in hooked_modules(model)}
@@ -216,7 +201,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             raise AlpsError(f"{adapter_dir}: model has no module {m.module}; adapter made for another model") from None
         w_rows = adapter.tensors[f"{m.module}.weight"]
         b_rows = adapter.tensors.get(f"{m.module}.bias")
-        if isinstance(mod, HeadRowsLinear):
+        if isinstance(mod, HeadRows):
             with gathered([mod.head_weight, mod.head_bias], modify=True), torch.no_grad():
                 mod.head_weight.data.copy_(w_rows)
                 if mod.head_bias is not None and b_rows is not None:

@@ -14,11 +14,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from alps_ds.arch import AttentionSpec, read_config
+from alps_ds.arch import AttentionSpec, balanced_split, read_config
 from alps_ds.choose import count_for_ratio
 from alps_ds.errors import AlpsError
 from alps_ds.layout import KVPolicy, matches_train_others
-from alps_ds.parallel.mapping import balanced_split
 from alps_ds.parallel.mapping import plan as parallel_plan
 
 GiB = 1024**3
@@ -49,7 +48,6 @@ def count_parameters(config: Any, spec: AttentionSpec | None = None) -> dict[str
     spec = spec or AttentionSpec.from_config(cfg)
     d, n, hd, L = spec.hidden_size, spec.num_heads, spec.head_dim, spec.num_layers
     vocab, inter = cfg["vocab_size"], cfg["intermediate_size"]
-    t = spec.model_type
     out: dict[str, int] = {}
 
     def linear(name: str, rows: int, cols: int, bias: bool) -> None:
@@ -67,42 +65,23 @@ def count_parameters(config: Any, spec: AttentionSpec | None = None) -> dict[str
         for m in spec.modules:
             linear(spec.module_path(layer, m), spec.module_rows(m), d, spec.qkv_bias)
 
+    fam = spec.family
+    out_bias = spec.qkv_bias if fam.out_bias is None else fam.out_bias
+    mlp_bias = bool(cfg.get("mlp_bias")) if fam.mlp_bias is None else fam.mlp_bias
     tied = bool(cfg.get("tie_word_embeddings"))
-    if t == "gpt_neox":
-        out["gpt_neox.embed_in.weight"] = vocab * d
-        for i in range(L):
-            p = f"{spec.layers_path}.{i}"
-            norm(f"{p}.input_layernorm", d, True)
-            norm(f"{p}.post_attention_layernorm", d, True)
-            qkv(i)
-            linear(spec.module_path(i, "dense"), d, n * hd, spec.qkv_bias)
-            linear(f"{p}.mlp.dense_h_to_4h", inter, d, True)
-            linear(f"{p}.mlp.dense_4h_to_h", d, inter, True)
-        norm("gpt_neox.final_layer_norm", d, True)
-    else:
-        out["model.embed_tokens.weight"] = vocab * d
-        o_bias = spec.qkv_bias and t in ("llama", "qwen3", "gemma", "gemma2")
-        mlp_bias = bool(cfg.get("mlp_bias")) and t == "llama"
-        for i in range(L):
-            p = f"{spec.layers_path}.{i}"
-            qkv(i)
-            linear(spec.module_path(i, "o_proj"), d, n * hd, o_bias)
-            if t == "phi3":
-                linear(f"{p}.mlp.gate_up_proj", 2 * inter, d, False)
-                linear(f"{p}.mlp.down_proj", d, inter, False)
-            else:
-                if t == "qwen3":
-                    norm(spec.module_path(i, "q_norm"), hd)
-                    norm(spec.module_path(i, "k_norm"), hd)
-                for m in ("gate_proj", "up_proj"):
-                    linear(f"{p}.mlp.{m}", inter, d, mlp_bias)
-                linear(f"{p}.mlp.down_proj", d, inter, mlp_bias)
-            norm(f"{p}.input_layernorm", d)
-            norm(f"{p}.post_attention_layernorm", d)
-            if t == "gemma2":
-                norm(f"{p}.pre_feedforward_layernorm", d)
-                norm(f"{p}.post_feedforward_layernorm", d)
-        norm("model.norm", d)
+    out[f"{fam.embed}.weight"] = vocab * d
+    for i in range(L):
+        p = f"{spec.layers_path}.{i}"
+        qkv(i)
+        linear(spec.module_path(i, fam.out_proj), d, n * hd, out_bias)
+        for head_norm in fam.head_norms:
+            norm(spec.module_path(i, head_norm), hd)
+        for name, times in fam.mlp:
+            linear(f"{p}.mlp.{name}", times * inter, d, mlp_bias)
+        linear(f"{p}.mlp.{fam.mlp_down}", d, inter, mlp_bias)
+        for layer_norm in fam.layer_norms:
+            norm(f"{p}.{layer_norm}", d, fam.norm_bias)
+    norm(fam.final_norm, d, fam.norm_bias)
     if not tied:
         out["lm_head.weight"] = vocab * d
     return out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from alps_ds.arch import SUPPORTED_MODEL_TYPES
+from alps_ds.arch import FAMILIES, SUPPORTED_MODEL_TYPES
 from alps_ds.errors import AlpsError
 
 
@@ -45,10 +45,11 @@ def tiny_config(
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    if model_type != "gpt_neox":
+    family = FAMILIES[model_type]
+    if family.layout != "neox":  # neox configs have neither (one kv head per query head)
         kw["num_key_value_heads"] = kv_heads or heads
         kw["head_dim"] = head_dim or hidden // heads
-    if bias is not None and model_type not in ("qwen2", "mistral", "phi3"):
+    if bias is not None and family.bias is None:  # families with a fixed q/k/v bias have no such key
         kw["attention_bias"] = bias
     return AutoConfig.for_model(model_type, **kw)
 

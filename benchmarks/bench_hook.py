@@ -100,7 +100,8 @@ def bench_masking(cfg, sel: HeadSelection, steps: int) -> None:
             if name in rows:
                 keep[torch.tensor(rows[name].indices())] = 1
             w.register_hook(lambda g, keep=keep: g * keep)
-    ours = apply(copy.deepcopy(base), sel, kv="group")
+    ours = copy.deepcopy(base)
+    apply(ours, sel, kv="group")
 
     def train(model):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -137,7 +138,7 @@ def bench_masking(cfg, sel: HeadSelection, steps: int) -> None:
     n, g, L = spec.num_heads, spec.num_kv_heads, spec.num_layers
     bound = (n + 2 * g) * L / (3 * len(sel))
     print(f"   kv='group' worst case (no kv head shared by two selected heads): (n+2g)L/3K = {bound:.2f}x")
-    none = trainable_report(apply(copy.deepcopy(base), sel, kv="none")).trainable
+    none = apply(copy.deepcopy(base), sel, kv="none").trainable
     print(f"   with kv='none' (Q rows only) the hook trains {none:,} elements ({n_mask / none:.2f}x less)")
 
 
@@ -152,10 +153,12 @@ def bench_step(cfg, sel: HeadSelection, repeat: int, batch_shape: tuple[int, int
         if kind == "full":
             return m
         if kind == "heads":
-            return apply(m, sel)
-        if kind == "heads+rest":
-            return apply(m, sel, train_others="all")
-        return apply(m, nobody, train_others="all")  # Q/K/V fully frozen, rest trained
+            apply(m, sel)
+        elif kind == "heads+rest":
+            apply(m, sel, train_others="all")
+        else:
+            apply(m, nobody, train_others="all")  # Q/K/V fully frozen, rest trained
+        return m
 
     def step_fn(model):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1)

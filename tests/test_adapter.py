@@ -31,7 +31,8 @@ def trained(tmp_path_factory):
     base = build_model(cfg, seed=0)
     save_model(base, root / "base", max_shard_size="40KB")
     sel = HeadSelection(spec.fingerprint, HEADS, Provenance("explicit"))
-    model = apply(copy.deepcopy(base), sel)
+    model = copy.deepcopy(base)
+    apply(model, sel)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     x = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(0))
     for _ in range(3):
@@ -58,7 +59,8 @@ def test_adapter_holds_only_the_slices(trained):
 
 def test_load_onto_hooked_and_onto_plain_base(trained):
     root, base, model, sel = trained
-    fresh = apply(copy.deepcopy(base), sel)
+    fresh = copy.deepcopy(base)
+    apply(fresh, sel)
     load_adapter(fresh, root / "adapter")
     for (_, a), (_, b) in zip(hooked_modules(fresh), hooked_modules(model)):
         assert torch.equal(a.head_weight, b.head_weight) and torch.equal(a.head_bias, b.head_bias)
@@ -67,20 +69,21 @@ def test_load_onto_hooked_and_onto_plain_base(trained):
     plain = load_adapter(copy.deepcopy(base), root / "adapter").state_dict()
     assert all(torch.equal(plain[k], v) for k, v in merged.items())
 
-    other = apply(copy.deepcopy(base), sel, kv="none")
+    other = copy.deepcopy(base)
+    apply(other, sel, kv="none")
     with pytest.raises(AlpsError, match="hook the model with the adapter's selection"):
         load_adapter(other, root / "adapter")
 
 
 def test_save_refuses_a_tensor_parallel_model(trained, tmp_path):
     """AutoTP slices hold rows local to each rank's shard; rank 0 alone would write a partial adapter."""
-    from alps_ds.parallel.autotp import TPHeadRowsLinear
+    import dataclasses
 
     root, base, _, sel = trained
-    model = apply(copy.deepcopy(base), sel)
-    name, mod = next(hooked_modules(model))
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, TPHeadRowsLinear(mod, None, (mod.out_features,)))
+    model = copy.deepcopy(base)
+    apply(model, sel)
+    _, mod = next(hooked_modules(model))
+    mod.hooked = dataclasses.replace(mod.hooked, tp_rank=1, tp_size=2)  # how AutoTP's apply describes a shard
     with pytest.raises(AlpsError, match="tensor-parallel"):
         save_adapter(model, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()

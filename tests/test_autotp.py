@@ -77,6 +77,7 @@ def test_each_rank_trains_only_its_local_share(results):
     # the trainable report sorts each rank's slice rows into q/k/v, none into "others"
     assert ranks[0]["per_kind"] == {"q": 8 * 48, "k": 8 * 48, "v": 8 * 48, "others": 0}
     assert ranks[1]["per_kind"] == {"q": 16 * 48, "k": 8 * 48, "v": 8 * 48, "others": 0}
+    assert all(r["report_per_kind"] == r["per_kind"] for r in ranks.values())  # apply's report agrees
     # deepspeed.initialize kept the hooked modules (AutoTP did not re-shard them away)
     assert all(sorted(r["still_hooked"]) == sorted(r["hooked"]) for r in ranks.values())
 
@@ -95,5 +96,5 @@ def test_rank_without_selected_rows_is_refused_before_sharding():
     spec = AttentionSpec.from_config(config)
     selection = HeadSelection(spec.fingerprint, ((0, 2), (1, 0)), Provenance("explicit"))
     with pytest.raises(AlpsError, match=r"tp rank\(s\) \[1\] of 2 hold none of the selected rows"):
-        autotp.apply(model, selection, tp_size=2)
+        autotp.shard(model, 2, selection=selection)
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # nothing was sharded

@@ -91,7 +91,7 @@ FAST = [
     C(
         "layout-tp-does-not-divide-heads",
         "layout --heads {root}/heads.json --model {root}/base --tp 3",
-        "--tp 3",
+        "tp 3",
         "pick a TP size",
     ),
     C(

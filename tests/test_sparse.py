@@ -38,7 +38,8 @@ def analytic(spec, kv="group"):
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_forward_equals_plain_model_and_only_slices_train(model_type):
     base, spec, sel = make(model_type)
-    hooked = apply(copy.deepcopy(base), sel)
+    hooked = copy.deepcopy(base)
+    apply(hooked, sel)
     x = batch()
     torch.testing.assert_close(hooked(x).logits, base(x).logits, rtol=0, atol=1e-5)
     trainable = {n for n, p in hooked.named_parameters() if p.requires_grad}
@@ -57,7 +58,8 @@ def test_forward_equals_plain_model_and_only_slices_train(model_type):
 
 def test_adamw_moves_only_selected_rows_and_merge_round_trips(tmp_path):
     base, spec, sel = make("qwen2")
-    model = apply(copy.deepcopy(base), sel)
+    model = copy.deepcopy(base)
+    apply(model, sel)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     x = batch()
     losses = []
@@ -99,17 +101,22 @@ def test_adamw_moves_only_selected_rows_and_merge_round_trips(tmp_path):
 
 def test_train_others_and_kv_policy():
     base, spec, sel = make()
-    model = apply(copy.deepcopy(base), sel, train_others="all")
+    model = copy.deepcopy(base)
+    apply(model, sel, train_others="all")
     qkv = {spec.module_path(layer, m) for layer in range(2) for m in spec.modules}
     for name, p in model.named_parameters():
         module, leaf = name.rsplit(".", 1)
         assert p.requires_grad == (module not in qkv or leaf.startswith("head_")), name
 
-    model = apply(copy.deepcopy(base), sel, train_others=("norm", "o_proj"))
+    model = copy.deepcopy(base)
+    apply(model, sel, train_others=("norm", "o_proj"))
     trained = {n for n, p in model.named_parameters() if p.requires_grad and "head_" not in n}
     assert trained == {n for n, _ in base.named_parameters() if "norm" in n or "o_proj" in n}
 
-    report = trainable_report(apply(copy.deepcopy(base), sel, kv="none"))
+    model = copy.deepcopy(base)
+    hook = apply(model, sel, kv="none")
+    report = trainable_report(model)
+    assert hook.per_kind == report.per_kind  # apply's report and the model's own counts agree
     assert report.per_kind["k"] == report.per_kind["v"] == 0
     assert report.trainable == report.per_kind["q"] == analytic(spec, "none")
 
@@ -117,7 +124,10 @@ def test_train_others_and_kv_policy():
 @pytest.mark.parametrize("model_type", ["llama", "phi3"])
 def test_report_counts_match_the_selection(model_type):
     base, spec, sel = make(model_type, dtype=torch.bfloat16)
-    report = trainable_report(apply(copy.deepcopy(base), sel, train_others=("mlp",)))
+    model = copy.deepcopy(base)
+    hook = apply(model, sel, train_others=("mlp",))
+    report = trainable_report(model)
+    assert hook.per_kind == report.per_kind and hook.trainable == report.trainable
     mlp = sum(p.numel() for n, p in base.named_parameters() if ".mlp." in n)
     assert report.trainable == analytic(spec) + mlp
     assert report.total == sum(p.numel() for p in base.parameters())
@@ -151,7 +161,8 @@ def test_hooked_model_runs_on_the_device_its_weights_are_on():
     moves) must run there: index_copy refuses a row index on another device. The meta device runs
     the same device checks as CUDA, so this runs on CPU-only machines too."""
     base, spec, sel = make("qwen2")
-    model = apply(copy.deepcopy(base).to("meta"), sel)
+    model = copy.deepcopy(base).to("meta")
+    apply(model, sel)
     assert {mod.rows.device.type for _, mod in hooked_modules(model)} == {"meta"}
     assert model(batch().to("meta")).logits.shape == (2, 12, 96)
     merge(model)  # writes the slices back with the same index
@@ -185,7 +196,8 @@ def test_errors_are_one_line_alps_errors():
     with pytest.raises(AlpsError, match="kv policy"):
         apply(refused, sel, kv="all")
     assert all(p.requires_grad for p in refused.parameters()), "a refused apply must leave the model as it was"
-    model = apply(copy.deepcopy(base), sel)
+    model = copy.deepcopy(base)
+    apply(model, sel)
     with pytest.raises(AlpsError, match="already re-parametrized"):
         apply(model, sel)
     with pytest.raises(AlpsError, match="outside the weight"):

@@ -19,8 +19,8 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from alps_ds.arch import TP_LAYOUTS
     from alps_ds.layout import KV_POLICIES
-    from alps_ds.parallel.mapping import TP_LAYOUTS
 
     p.add_argument("--heads", required=True, help="heads.json from 'alps-ds localize'")
     p.add_argument("--model", required=True, help="model folder or config.json (only the config is read)")
@@ -50,12 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from alps_ds.arch import AttentionSpec
-    from alps_ds.parallel.mapping import PipelineSplit, native_layout, plan, rebalance
+    from alps_ds.parallel.mapping import PipelineSplit, plan, rebalance
     from alps_ds.selection import HeadSelection
 
     spec = AttentionSpec.from_pretrained(args.model)
     selection = HeadSelection.load(args.heads, spec=spec)
-    layout = args.layout or native_layout(spec)
+    layout = args.layout or spec.native_tp_layout
     pipeline = PipelineSplit.megatron(
         spec.num_layers, args.pp, args.vpp, first=args.first_stage_layers, last=args.last_stage_layers
     )

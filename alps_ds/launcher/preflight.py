@@ -185,7 +185,7 @@ def _tp_checks(inp: CheckInputs, spec, heads, add) -> None:
     """n and ng vs TP (alps_ds.parallel.mapping's rules), and per-rank trainable balance."""
     from alps_ds.parallel import mapping
 
-    layout = inp.layout or mapping.native_layout(spec)
+    layout = inp.layout or spec.native_tp_layout
     try:
         mapping.TensorParallel(spec, layout, inp.tp)
     except AlpsError as e:

@@ -1,8 +1,8 @@
 """Tensor/pipeline-parallel head mapping (:mod:`.mapping`, pure math) and the engine hooks
 that use it (:mod:`.autotp` for DeepSpeed AutoTP, :mod:`.megatron` for megatron-core)."""
 
+from alps_ds.arch import TP_LAYOUTS
 from alps_ds.parallel.mapping import (
-    TP_LAYOUTS,
     ParallelPlan,
     PipelineSplit,
     RankRows,

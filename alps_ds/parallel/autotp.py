@@ -15,27 +15,27 @@ hooks, which ``initialize`` skips for a pre-sharded model, are then not needed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
-from alps_ds.arch import KINDS, AttentionSpec
+from alps_ds.arch import AttentionSpec
 from alps_ds.errors import AlpsError
+from alps_ds.hooked import HeadRows, HookedRows, HookReport, require_input_grads, set_submodule
 from alps_ds.layout import KVPolicy
 from alps_ds.parallel.mapping import TensorParallel, plan
 from alps_ds.selection import HeadSelection
-from alps_ds.sparse.module import HeadRowsLinear, reparametrize, set_submodule
-
-# Column-parallel (output rows split) and row-parallel (input split, all-reduced) projections
-# of the separate-q/k/v families, as AutoTP's parser classifies them.
-COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW = ("o_proj", "down_proj")
+from alps_ds.sparse.hook import model_spec
+from alps_ds.sparse.module import HeadRowsLinear, reparametrize
 
 
 class TPHeadRowsLinear(HeadRowsLinear):
     """A :class:`HeadRowsLinear` on a column-parallel shard: like AutoTP's ``LinearLayer`` its
     input is replicated, so the input gradient is all-reduced over the TP group in backward."""
 
-    def __init__(self, base: HeadRowsLinear, mp_group, partition_sizes: tuple[int, ...]):
+    def __init__(self, layer: nn.Module, ranges, kinds):
+        base = reparametrize(layer, ranges, kinds=kinds)
         super().__init__(
             base.weight,
             base.bias,
@@ -44,8 +44,9 @@ class TPHeadRowsLinear(HeadRowsLinear):
             None if base.head_bias is None else base.head_bias.data,
             base.kinds,
         )
-        self.mp_group = mp_group
-        self.partition_sizes = tuple(partition_sizes)
+        self.mp_group = layer.mp_group
+        self.partition_sizes = tuple(layer._partition_sizes)
+        self.__dict__["_shard"] = layer  # AutoTP's own layer, restored by unhook (not a submodule: no double keys)
         # One slice per TP rank, each different: gradient-norm clipping must count it on every rank.
         for p in (self.head_weight, self.head_bias):
             if p is not None:
@@ -56,32 +57,73 @@ class TPHeadRowsLinear(HeadRowsLinear):
 
         return super().forward(ColumnParallel.apply(self.mp_group, x))
 
+    def unhook(self) -> nn.Module:
+        """AutoTP's ``LinearLayer`` again, this rank's trained rows written into its shard."""
+        w, b = self.merged_weight()
+        with torch.no_grad():
+            self.weight.data.copy_(w)
+            if b is not None:
+                self.bias.data.copy_(b)
+        return self.__dict__["_shard"]
 
-def shard(model: nn.Module, tp_size: int, spec: AttentionSpec | None = None) -> nn.Module:
+
+def _check_every_rank_trains(spec: AttentionSpec, selection: HeadSelection, tp_size: int, kv: KVPolicy):
+    """The plan of ``selection`` on ``tp_size`` AutoTP ranks, refused if a rank would train nothing.
+
+    Checked on every rank alike (the plan is deterministic), so all ranks fail together instead of
+    one hanging in a collective: DeepSpeed ZeRO stops a rank with nothing to train with
+    "AssertionError: zero stage 2 requires an optimizer".
+    """
+    result = plan(spec, selection.heads, tp=tp_size, layout="autotp", kv=kv)
+    empty = sorted(set(range(tp_size)) - {e.tp_rank for e in result.entries})
+    if empty:
+        raise AlpsError(
+            f"AutoTP: tp rank(s) {empty} of {tp_size} hold none of the selected rows ({spec.num_kv_heads} kv heads, "
+            f"cut on kv-group boundaries) and DeepSpeed ZeRO needs something to train on every rank; "
+            "use an autotp_size that gives every rank selected heads, or rebalance the selection "
+            f"(alps-ds layout --layout autotp --tp {tp_size} --rebalance)"
+        )
+    return result
+
+
+def shard(
+    model: nn.Module,
+    tp_size: int,
+    spec: AttentionSpec | None = None,
+    *,
+    selection: HeadSelection | None = None,
+    kv: KVPolicy = "group",
+) -> nn.Module:
     """Shard ``model``'s attention and MLP projections over ``tp_size`` ranks exactly as AutoTP
     training does (call after ``deepspeed.init_distributed``; every rank of a TP group must
-    later see the same batches). The LM head and embeddings stay replicated."""
+    later see the same batches). The LM head and embeddings stay replicated. With ``selection``,
+    a split that would leave a TP rank without selected rows is refused before anything changes.
+    """
     from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, set_autotp_mode
     from deepspeed.module_inject.tp_shard import AutoTPMeta
     from deepspeed.utils import groups
 
-    spec = spec or AttentionSpec.from_config(model.config, source="model.config")
+    spec = model_spec(model, spec, "AutoTP shard")
     if spec.layout != "separate":
         raise AlpsError(
             f"AutoTP hook: {spec.model_type} has a {spec.layout} qkv weight; only separate q/k/v is supported"
         )
+    if selection is not None:
+        selection.check_model(spec)
+        _check_every_rank_trains(spec, selection, tp_size, kv)
     set_autotp_mode(training=True)
     groups._init_tp_mesh_device(tensor_model_parallel_size=tp_size)
     group = groups.get_tensor_model_parallel_group()
     meta = AutoTPMeta.from_model_config(model.config)
+    column, row = spec.family.column_parallel, spec.family.row_parallel
     for layer in range(spec.num_layers):
         block = f"{spec.layers_path}.{layer}"
         for name, module in list(model.get_submodule(block).named_modules()):
             leaf = name.rpartition(".")[2]
-            if not isinstance(module, nn.Linear) or leaf not in COLUMN + ROW:
+            if not isinstance(module, nn.Linear) or leaf not in column + row:
                 continue
             full = f"{block}.{name}"
-            cls = LinearLayer if leaf in COLUMN else LinearAllreduce
+            cls = LinearLayer if leaf in column else LinearAllreduce
             set_submodule(model, full, cls(module, group, name=full, tp_meta=meta))
     model.ds_autotp_parsed = True  # deepspeed.initialize must not shard (and drop our slices) again
     return model
@@ -91,34 +133,31 @@ def apply(
     model: nn.Module,
     selection: HeadSelection,
     *,
-    tp_size: int,
     kv: KVPolicy = "group",
+    train_others: Iterable[str] | str = (),
     spec: AttentionSpec | None = None,
-) -> list[tuple[str, TPHeadRowsLinear]]:
-    """Shard ``model`` AutoTP-style and hook this rank's selected local q/k/v rows.
+) -> HookReport:
+    """Hook this rank's selected LOCAL q/k/v rows of a model sharded by :func:`shard`.
 
     Freezes every parameter; the only trainable ones are the slices (one per hooked shard,
-    marked ``tensor_model_parallel``). Returns ``(module name, hooked module)`` for this rank.
+    marked ``tensor_model_parallel``). The TP size and rank are DeepSpeed's (set by ``shard``).
+    ``train_others`` is refused: replicated parameters would need AutoTP's gradient hooks.
     """
-    spec = spec or AttentionSpec.from_config(model.config, source="model.config")
-    selection.check_model(spec)
-    result = plan(spec, selection.heads, tp=tp_size, layout="autotp", kv=kv)
-    # Checked on every rank alike (the plan is deterministic), so all ranks fail together
-    # instead of one hanging in a collective: DeepSpeed ZeRO stops a rank with nothing to train
-    # with "AssertionError: zero stage 2 requires an optimizer".
-    empty = sorted(set(range(tp_size)) - {e.tp_rank for e in result.entries})
-    if empty:
-        raise AlpsError(
-            f"AutoTP: tp rank(s) {empty} of {tp_size} hold none of the selected rows ({spec.num_kv_heads} kv heads, "
-            f"cut on kv-group boundaries) and DeepSpeed ZeRO needs something to train on every rank; "
-            "use an autotp_size that gives every rank selected heads, or rebalance the selection "
-            f"(alps-ds layout --layout autotp --tp {tp_size} --rebalance)"
-        )
     from deepspeed.utils import groups
 
-    shard(model, tp_size, spec)
-    group = groups.get_tensor_model_parallel_group()
-    rank = groups.get_tensor_model_parallel_rank()
+    spec = model_spec(model, spec, "AutoTP apply")
+    if not getattr(model, "ds_autotp_parsed", False):
+        raise AlpsError("AutoTP apply: the model is not sharded; call alps_ds.parallel.autotp.shard(model, tp) first")
+    if any(isinstance(m, HeadRows) for m in model.modules()):
+        raise AlpsError("AutoTP apply: this model is already hooked; use a fresh model")
+    if train_others not in ((), "", None) and tuple((train_others,) if isinstance(train_others, str) else train_others):
+        raise AlpsError(
+            "AutoTP apply: train_others is not supported under tensor parallelism (replicated parameters would "
+            "need AutoTP's gradient all-reduce); train heads only, or use tp 1"
+        )
+    selection.check_model(spec)
+    tp_size, rank = groups.get_tensor_model_parallel_world_size(), groups.get_tensor_model_parallel_rank()
+    result = _check_every_rank_trains(spec, selection, tp_size, kv)
     for p in model.parameters():
         p.requires_grad_(False)
     tensor: TensorParallel = result.tensor
@@ -134,21 +173,21 @@ def apply(
                 f"AutoTP split of {name} is {layer._partition_sizes}, the mapping expects "
                 f"{tensor.shard_sizes(e.module)}; this DeepSpeed version shards differently"
             )
-        kind = next(k for k in KINDS if spec.rows(k, 0).module == e.module)  # separate q/k/v only
-        kinds = ((kind, e.num_rows),)
-        mod = TPHeadRowsLinear(reparametrize(layer, e.rows, kinds=kinds), group, layer._partition_sizes)
+        kinds = ((spec.kind_of(e.module), e.num_rows),)
+        mod = TPHeadRowsLinear(layer, e.rows, kinds)
+        info = HookedRows(
+            name, e.layer, e.module, mod.ranges, kinds, mod.in_features, mod.bias is not None, rank, tp_size
+        )
+        mod.describe(info, selection, kv)
         set_submodule(model, name, mod)
-        hooked.append((name, mod))
+        hooked.append(info)
     # Every TP rank must run the same backward collectives (ColumnParallel all-reduces the input
     # gradient). Which activations require grad would otherwise differ by rank: a rank holding
     # no selected rows of layer 0 sees no gradient path until a later layer, and gloo aborts
     # on the mismatched all-reduce. Making the embedding output require grad gives every rank
-    # the same graph (the sparse hook does the same for reentrant activation checkpointing).
-    model.enable_input_require_grads()
-    model.alps_input_grads = True
-    model.alps_selection = selection
-    model.alps_kv = kv
-    return hooked
+    # the same graph.
+    require_input_grads(model)
+    return HookReport("autotp", kv, tuple(hooked))
 
 
 @torch.no_grad()
@@ -160,7 +199,7 @@ def gather_qkv(model: nn.Module, spec: AttentionSpec | None = None) -> dict[str,
     """
     import torch.distributed as dist
 
-    spec = spec or AttentionSpec.from_config(model.config, source="model.config")
+    spec = model_spec(model, spec, "gather_qkv")
     out = {}
     for layer in range(spec.num_layers):
         for m in spec.modules:

@@ -7,7 +7,8 @@ math on :class:`~alps_ds.arch.AttentionSpec`; the hooks in :mod:`alps_ds.paralle
 and :mod:`alps_ds.parallel.megatron` and ``alps-ds layout`` all use it.
 
 Weight layouts (rows of the unsharded ``[out, in]`` weight, ``m = n / g`` query heads per
-kv group; row facts of the HF layouts come from ``AttentionSpec.rows``):
+kv group). Every row fact below is computed in :mod:`alps_ds.arch` (``AttentionSpec.rows``,
+``tp_segments``, ``tp_check``); this module only intersects and places them:
 
 - ``hf``: separate ``q_proj``/``k_proj``/``v_proj``, each split into T equal contiguous
   parts (HF ``tp_plan`` colwise). Needs ``n % T == 0`` and ``g % T == 0``.
@@ -31,115 +32,28 @@ stages, and DeepSpeed ``PipelineModule.parts`` boundaries read at run time.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass
 
-from alps_ds.arch import AttentionSpec, Kind, RowBlock
+from alps_ds.arch import TP_LAYOUTS, AttentionSpec, Range, TPLayout
 from alps_ds.errors import AlpsError
 from alps_ds.layout import KVPolicy, ModuleRows, merge_ranges, trainable_rows
-
-TPLayout = Literal["hf", "fused", "neox", "megatron", "autotp"]
-TP_LAYOUTS: tuple[str, ...] = ("hf", "fused", "neox", "megatron", "autotp")
-Range = tuple[int, int]
-
-# Module names and the AttentionSpec row layout each TP layout addresses.
-_HF_LAYOUT = {"hf": "separate", "autotp": "separate", "fused": "fused", "neox": "neox"}
-_HF_MODULES = {"separate": ("q_proj", "k_proj", "v_proj"), "fused": ("qkv_proj",), "neox": ("query_key_value",)}
-MEGATRON_MODULE = "linear_qkv"
-
-
-def native_layout(spec: AttentionSpec) -> TPLayout:
-    """The TP layout of the model's own Hugging Face weights."""
-    return {"separate": "hf", "fused": "fused", "neox": "neox"}[spec.layout]
-
-
-def balanced_split(count: int, parts: int) -> list[range]:
-    """``count`` items in ``parts`` consecutive runs, the first ``count % parts`` one longer: how
-    AutoTP cuts kv groups over TP ranks (``get_shard_size``; ranks past ``count`` get none)."""
-    base, extra = divmod(count, parts)
-    bounds = [p * base + min(p, extra) for p in range(parts + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
-
-
-@dataclass(frozen=True)
-class _RowView:
-    """The row facts of one layout, shaped like the part of AttentionSpec that
-    :func:`alps_ds.layout.trainable_rows` reads, so that function serves every layout."""
-
-    spec: AttentionSpec
-    layout: TPLayout
-
-    @property
-    def num_layers(self) -> int:
-        return self.spec.num_layers
-
-    @property
-    def num_heads(self) -> int:
-        return self.spec.num_heads
-
-    @property
-    def modules(self) -> tuple[str, ...]:
-        if self.layout == "megatron":
-            return (MEGATRON_MODULE,)
-        return _HF_MODULES[_HF_LAYOUT[self.layout]]
-
-    def kv_head(self, head: int) -> int:
-        return self.spec.kv_head(head)
-
-    def rows(self, kind: Kind, index: int) -> RowBlock:
-        if self.layout != "megatron":
-            hf = _HF_LAYOUT[self.layout]
-            spec = self.spec if self.spec.layout == hf else replace(self.spec, layout=hf, modules=_HF_MODULES[hf])
-            return spec.rows(kind, index)
-        # Grouped: kv group j is the block [q of its m heads; k_j; v_j], (m + 2) * hd rows.
-        m, hd = self.spec.group_size, self.spec.head_dim
-        group = index // m if kind == "q" else index
-        start = group * (m + 2) * hd + {"q": (index % m) * hd, "k": m * hd, "v": (m + 1) * hd}[kind]
-        return RowBlock(MEGATRON_MODULE, start, start + hd)
 
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """How one layout's Q/K/V weights are split over ``tp`` ranks."""
+    """How one layout's Q/K/V weights are split over ``tp`` ranks (row facts from :mod:`alps_ds.arch`)."""
 
     spec: AttentionSpec
     layout: TPLayout
     tp: int
 
     def __post_init__(self) -> None:
-        n, g, T = self.spec.num_heads, self.spec.num_kv_heads, self.tp
-        if self.layout not in TP_LAYOUTS:
-            raise AlpsError(f"layout {self.layout!r} is unknown; use one of {', '.join(TP_LAYOUTS)}")
-        if not isinstance(T, int) or T < 1:
-            raise AlpsError(f"--tp {T!r}: tensor-parallel size must be a positive integer")
-        if self.layout == "neox" and g != n:
-            raise AlpsError(f"layout neox needs num_kv_heads == num_heads (model has {g} != {n}); use another layout")
-        if self.layout == "autotp":
-            return
-        if n % T:
-            raise AlpsError(
-                f"layout {self.layout}: {n} query heads do not split over --tp {T} (n % T != 0); "
-                f"pick a TP size dividing {n}"
-            )
-        if self.layout == "megatron":
-            if g % T and T % g:
-                raise AlpsError(
-                    f"layout megatron: {g} query groups and --tp {T} need g % T == 0 or T % g == 0; "
-                    "pick a TP size that divides or is a multiple of the kv head count"
-                )
-            if ((n + 2 * g) * self.spec.head_dim) % T:
-                raise AlpsError(
-                    f"layout megatron: linear_qkv rows {(n + 2 * g) * self.spec.head_dim} do not split over --tp {T}"
-                )
-        elif self.layout in ("hf", "fused") and g % T:
-            raise AlpsError(
-                f"layout {self.layout}: {g} kv heads do not split over --tp {T} (g % T != 0); "
-                "use --layout autotp (uneven kv groups) or megatron, or a TP size dividing the kv head count"
-            )
+        self.spec.tp_check(self.layout, self.tp)
 
     @property
-    def view(self) -> _RowView:
-        return _RowView(self.spec, self.layout)
+    def view(self) -> AttentionSpec:
+        """The model's geometry in this layout's row layout (module names and rows)."""
+        return self.spec.in_layout(TP_LAYOUTS[self.layout])
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -147,36 +61,19 @@ class TensorParallel:
 
     def module_rows(self, module: str) -> int:
         """Output rows of the unsharded ``module``."""
-        if module == MEGATRON_MODULE:
-            return (self.spec.num_heads + 2 * self.spec.num_kv_heads) * self.spec.head_dim
-        return self.spec.module_rows(module)
+        return self.view.module_rows(module)
 
     def shard_sizes(self, module: str) -> list[int]:
         """Local rows of ``module`` on each TP rank."""
         return [sum(b - a for a, b in self.segments(module, t)) for t in range(self.tp)]
 
     def segments(self, module: str, rank: int) -> tuple[Range, ...]:
-        """Global rows of ``module`` held by TP rank ``rank``, in local order (concatenated
-        they are the rank's local weight)."""
+        """Global rows of ``module`` held by TP rank ``rank``, in local order."""
         if module not in self.modules:
             raise AlpsError(f"module {module!r} is not part of layout {self.layout} ({', '.join(self.modules)})")
         if not 0 <= rank < self.tp:
             raise AlpsError(f"tp rank {rank} outside [0, {self.tp})")
-        T, t, total = self.tp, rank, self.module_rows(module)
-        if self.layout == "autotp":
-            g = self.spec.num_kv_heads
-            groups = balanced_split(g, T)[t]  # every module's rows are whole kv groups
-            return ((total * groups.start // g, total * groups.stop // g),)
-        if self.layout == "fused":
-            n, g, hd = self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim
-            q, kv = n * hd // T, g * hd // T
-            return (
-                (t * q, (t + 1) * q),
-                (n * hd + t * kv, n * hd + (t + 1) * kv),
-                ((n + g) * hd + t * kv, (n + g) * hd + (t + 1) * kv),
-            )
-        size = total // T  # hf, neox, megatron: the contiguous t-th 1/T
-        return ((t * size, (t + 1) * size),)
+        return self.spec.tp_segments(self.layout, module, self.tp, rank)
 
     def localize(self, module: str, rank: int, ranges: Iterable[Range]) -> tuple[Range, ...]:
         """Intersect global row ``ranges`` with what ``rank`` holds; return local ranges."""
@@ -193,7 +90,7 @@ class TensorParallel:
 
     def global_rows(self, heads: Iterable[tuple[int, int]], kv: KVPolicy = "group") -> list[ModuleRows]:
         """Per (layer, module) the global rows trained for ``heads`` in this layout."""
-        return trainable_rows(self.view, heads, kv)  # type: ignore[arg-type]  # duck-typed spec
+        return trainable_rows(self.view, heads, kv)
 
 
 @dataclass(frozen=True)
@@ -353,7 +250,7 @@ def plan(
 ) -> ParallelPlan:
     """Map selected heads to per-(pp, tp)-rank local rows. ``layout`` defaults to the
     model's native HF layout, ``pipeline`` to a single stage."""
-    tensor = TensorParallel(spec, layout or native_layout(spec), tp)
+    tensor = TensorParallel(spec, layout or spec.native_tp_layout, tp)
     pipeline = pipeline or PipelineSplit.even(spec.num_layers)
     if pipeline.num_layers != spec.num_layers:
         raise AlpsError(f"pipeline split covers {pipeline.num_layers} layers but the model has {spec.num_layers}")

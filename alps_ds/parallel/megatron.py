@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alps_ds.arch import AttentionSpec
+from alps_ds.arch import MEGATRON_MODULE, AttentionSpec
 from alps_ds.errors import AlpsError
 from alps_ds.layout import KVPolicy
-from alps_ds.parallel.mapping import MEGATRON_MODULE, ParallelPlan, plan
+from alps_ds.parallel.mapping import ParallelPlan, plan
 
 
 def spec_from_config(config, model_type: str = "llama") -> AttentionSpec:

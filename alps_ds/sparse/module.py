@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alps_ds.errors import AlpsError
+from alps_ds.hooked import HeadRows
 from alps_ds.layout import merge_ranges
 
 Ranges = tuple[tuple[int, int], ...]
@@ -77,11 +78,12 @@ def as_ranges(rows: Sequence[int] | Sequence[tuple[int, int]], limit: int) -> Ra
     return merge_ranges(pairs)
 
 
-class HeadRowsLinear(nn.Module):
+class HeadRowsLinear(HeadRows):
     """``x W^T + b`` with rows ``ranges`` of W (and b) replaced by trainable ``head_weight`` (``head_bias``).
 
     ``weight``/``bias`` are the original parameter objects, frozen. ``kinds`` records how many
-    of the selected rows are q, k or v (for reports and adapters).
+    of the selected rows are q, k or v (for reports and adapters); ``apply`` also records the
+    module's :class:`~alps_ds.hooked.HookedRows`, selection and kv policy with ``describe``.
     """
 
     def __init__(
@@ -126,15 +128,25 @@ class HeadRowsLinear(nn.Module):
             b = self.bias.detach().index_copy(0, self.rows, self.head_bias.detach().to(self.bias.dtype))
         return w, b
 
+    def unhook(self) -> nn.Module:
+        """A plain ``nn.Linear`` on the same (frozen) parameters, the trained rows written in.
+
+        Under ZeRO-3 the rows are gathered, written on rank 0 and re-partitioned (call on every rank).
+        """
+        with gathered([self.weight, self.bias, self.head_weight, self.head_bias], modify=True):
+            w, b = self.merged_weight()
+            with torch.no_grad():
+                self.weight.data.copy_(w)
+                if b is not None:
+                    self.bias.data.copy_(b)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
+
     def extra_repr(self) -> str:
         spans = ", ".join(f"{a}:{b}" for a, b in self.ranges)
         return f"in={self.in_features}, out={self.out_features}, trainable_rows=[{spans}], bias={self.bias is not None}"
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` (``model.layers.0.self_attn.q_proj``) by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def reparametrize(

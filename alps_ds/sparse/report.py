@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alps_ds.sparse.module import HeadRowsLinear, full_numel
-
-KIND_ORDER = ("q", "k", "v", "others")
+from alps_ds.hooked import KIND_ORDER, HeadRows
+from alps_ds.sparse.module import full_numel
 
 # Bytes per trained element held by the optimizer side: an fp32 master copy when the model
 # trains in 16-bit, and AdamW's two fp32 moments.
@@ -106,7 +105,7 @@ def trainable_report(model: nn.Module) -> TrainableReport:
         for _, p in own:
             seen.add(id(p))
         # The slice parameters duplicate rows of the frozen weight: count the model's size without them.
-        hooked = isinstance(module, HeadRowsLinear)
+        hooked = isinstance(module, HeadRows)
         total += sum(full_numel(p) for n, p in own if not (hooked and n.startswith("head_")))
         trained = [p for _, p in own if p.requires_grad]
         if not trained:
@@ -116,7 +115,7 @@ def trainable_report(model: nn.Module) -> TrainableReport:
         param_bytes += nbytes
         grad_bytes += nbytes
         master_bytes += sum(full_numel(p) * MASTER_BYTES for p in trained if p.dtype != torch.float32)
-        if isinstance(module, HeadRowsLinear):
+        if hooked:
             kinds = dict(module.kinds)
             per_row = elements // module.num_rows
             for kind, rows in kinds.items():

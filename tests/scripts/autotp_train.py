@@ -46,7 +46,8 @@ def run_case(stage: int, n: int, g: int, heads: list) -> dict:
         ref_logits = model(input_ids=ids).logits
 
     selection = HeadSelection(spec.fingerprint, tuple(heads), Provenance("explicit"))
-    hooked = autotp.apply(model, selection, tp_size=2)
+    autotp.shard(model, 2, selection=selection)
+    report = autotp.apply(model, selection)
     with torch.no_grad():
         tp_logits = model(input_ids=ids).logits
     params = [p for p in model.parameters() if p.requires_grad]
@@ -71,7 +72,8 @@ def run_case(stage: int, n: int, g: int, heads: list) -> dict:
     still_hooked = [name for name, m in engine.module.named_modules() if isinstance(m, autotp.TPHeadRowsLinear)]
     info = {
         "rank": dist.get_rank(),
-        "hooked": {name: [list(r) for r in m.ranges] for name, m in hooked},
+        "hooked": {m.name: [list(r) for r in m.ranges] for m in report.modules},
+        "report_per_kind": report.per_kind,
         "trainable": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
         "still_hooked": still_hooked,
         "per_kind": alps_ds.trainable_report(engine.module).per_kind,

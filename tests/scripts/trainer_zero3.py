@@ -65,7 +65,8 @@ def main() -> int:
     sel = HeadSelection(spec.fingerprint, HEADS, Provenance("explicit"))
     base = build_model(cfg, seed=0)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    model = apply(build_model(cfg, seed=0), sel)
+    model = build_model(cfg, seed=0)
+    apply(model, sel)
     expected = trainable_report(model).trainable
 
     args = TrainingArguments(

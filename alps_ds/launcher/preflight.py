@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from alps_ds.errors import AlpsError
+from alps_ds.parallel.mapping import TP_LAYOUTS
+from alps_ds.train.config import DEFAULT_ZERO_STAGE, ZERO_STAGES
 
 Status = Literal["ok", "fail", "warn", "skip"]
 
@@ -41,7 +43,7 @@ class CheckInputs:
     kv: str = "group"
     train_others: tuple[str, ...] = ()
     layout: str | None = None  # tensor-parallel layout (alps_ds.parallel.mapping); None: the model's own
-    zero: int = 2
+    zero: int = DEFAULT_ZERO_STAGE
     offload: bool = False
     dtype: str = "bf16"  # weights and gradients: bf16, fp16 or fp32 (alps_ds.plan.DTYPE_BYTES)
     gpu_mem_gib: float | None = None
@@ -275,8 +277,13 @@ def add_check_arguments(parser) -> None:
     g.add_argument("--ratio", type=float, help="head ratio for the memory plan without --heads (default: YAML, 0.1)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    g.add_argument("--tp-layout", choices=("hf", "fused", "neox", "megatron", "autotp"), help="how TP splits Q/K/V")
-    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage for the memory plan (default: YAML, 2)")
+    g.add_argument("--tp-layout", choices=TP_LAYOUTS, help="how TP splits Q/K/V")
+    g.add_argument(
+        "--zero",
+        type=int,
+        choices=ZERO_STAGES,
+        help=f"ZeRO stage for the memory plan (default: YAML, {DEFAULT_ZERO_STAGE})",
+    )
     g.add_argument("--offload", action="store_true", help="plan with ZeRO optimizer offload")
     g.add_argument("--gpu-mem", type=float, metavar="GIB", help="GPU memory in GiB; enables the memory check")
     g.add_argument(
@@ -299,7 +306,7 @@ def inputs_from_args(
         heads=args.heads,
         ratio=args.ratio if args.ratio is not None else 0.1,
         layout=args.tp_layout,
-        zero=args.zero if args.zero is not None else 2,
+        zero=args.zero if args.zero is not None else DEFAULT_ZERO_STAGE,
         offload=args.offload,
         gpu_mem_gib=args.gpu_mem,
         seq_len=args.seq_len if args.seq_len is not None else 4096,

@@ -50,7 +50,21 @@ def _imported(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 out.add(sub if sub in modules else base)  # `from pkg import submodule` imports the submodule
+    out |= _lazy_table(tree, modules) if path.name == "__init__.py" and name != "alps_ds" else set()
     out.discard(name)
+    return out
+
+
+def _lazy_table(tree: ast.Module, modules: dict[str, Path]) -> set[str]:
+    """Modules a package loads on attribute access (a ``_LAZY = {name: module}`` table): imports too.
+
+    Only alps_ds/__init__.py's own table is exempt: it is the public API, loaded by users, never by alps_ds.
+    """
+    out = set()
+    for node in tree.body:
+        named = isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in node.targets)
+        if named and isinstance(node.value, ast.Dict):
+            out |= {v.value for v in node.value.values if isinstance(v, ast.Constant) and v.value in modules}
     return out
 
 
@@ -87,6 +101,7 @@ def test_the_walk_sees_lazy_and_relative_imports():
     graph = import_graph()
     assert "alps_ds.selection" in graph["alps_ds.selection_ops"]  # a top-level import
     assert "alps_ds.localize" in graph["alps_ds.commands.localize"]  # imported inside run()
+    assert "alps_ds.localize.make" in graph["alps_ds.localize"]  # the package's lazy attribute table
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 

@@ -150,19 +150,7 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _coerce(value, option, key, src)
-            except AlpsError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        names = " or ".join(_type_name(o) for o in options)
-        raise bad(names + (" or null" if type(None) in args else ""))
+        return _coerce_union(value, args, key, src, bad)
     if origin is Literal:
         if value not in args:
             raise AlpsError(f"{src}: {key}: {_describe(value)} is unknown; choose one of {', '.join(map(str, args))}")
@@ -183,44 +171,74 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
         if not isinstance(value, dict):
             raise bad("a mapping")
         return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
-            return value.lower() in ("true", "yes", "on")
-        raise bad("true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
+    if tp not in _SCALARS:
+        raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this file, not user input
+    return _SCALARS[tp](value, bad)
+
+
+def _coerce_union(value: Any, args: tuple, key: str, src: str, bad) -> Any:
+    """The first option of ``A | B | None`` that takes ``value``; one option's own error when it is the only one."""
+    if value is None and type(None) in args:
+        return None
+    options = [a for a in args if a is not type(None)]
+    errors = []
+    for option in options:
+        try:
+            return _coerce(value, option, key, src)
+        except AlpsError as e:
+            errors.append(e)
+    if len(errors) == 1:
+        raise errors[0]
+    names = " or ".join(_type_name(o) for o in options)
+    raise bad(names + (" or null" if type(None) in args else ""))
+
+
+def _to_bool(value: Any, bad) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return value.lower() in ("true", "yes", "on")
+    raise bad("true or false")
+
+
+def _to_int(value: Any, bad) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise bad("an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        except ValueError:
+            pass
+    raise bad("an integer")
+
+
+def _to_float(value: Any, bad) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str):
+        # YAML 1.1 reads 2e-5 (no dot) as a string; accept it as the number the user meant.
+        try:
             out = float(value)
-        elif isinstance(value, str):
-            # YAML 1.1 reads 2e-5 (no dot) as a string; accept it as the number the user meant.
-            try:
-                out = float(value)
-            except ValueError:
-                raise bad("a number") from None
-        else:
-            raise bad("a number")
-        if not math.isfinite(out):
-            raise bad("a finite number")
-        return out
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad("a string")
-    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this file, not user input
+        except ValueError:
+            raise bad("a number") from None
+    else:
+        raise bad("a number")
+    if not math.isfinite(out):
+        raise bad("a finite number")
+    return out
+
+
+def _to_str(value: Any, bad) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise bad("a string")
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _type_name(tp: Any) -> str:

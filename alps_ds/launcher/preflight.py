@@ -96,11 +96,38 @@ def writable_dir(path: str) -> str | None:
 
 
 def run_checks(inp: CheckInputs) -> list[Finding]:
+    """Every pre-flight check, one Finding each, in the order ``alps-ds check`` prints them."""
     out: list[Finding] = []
     add = out.append
     mp = inp.tp * inp.pp
+    _world_check(inp, add)
+    cfg, spec, heads = _model_checks(inp, add)
+    if spec is not None and inp.pp > spec.num_layers:
+        add(Finding("pipeline", "fail", f"--pp {inp.pp} exceeds the model's {spec.num_layers} layers"))
+    if spec is not None:
+        _tp_checks(inp, spec, heads, add)
+    else:
+        add(Finding("tensor parallel", "skip", "no model config given (--model)"))
+    if not inp.gpu_mem_gib:
+        add(Finding("memory", "skip", "no GPU memory size given (--gpu-mem GIB)"))
+    elif spec is None:
+        add(Finding("memory", "skip", "no model config given (--model)"))
+    elif min(inp.world_size, inp.tp, inp.pp) < 1 or inp.world_size % mp:
+        add(Finding("memory", "skip", "the world size does not split over tp x pp"))
+    else:
+        _memory_check(inp, cfg, heads, add)
+    if inp.output_dir:
+        why = writable_dir(inp.output_dir)
+        add(Finding("output dir", "fail" if why else "ok", why or f"{inp.output_dir} is writable"))
+    else:
+        add(Finding("output dir", "skip", "no output folder given"))
+    _port_check(inp, add)
+    return out
 
-    # World size and the model-parallel grid.
+
+def _world_check(inp: CheckInputs, add) -> None:
+    """The world size splits into dp x tp x pp."""
+    mp = inp.tp * inp.pp
     if inp.world_size < 1 or inp.tp < 1 or inp.pp < 1:
         add(Finding("world size", "fail", f"world {inp.world_size}, tp {inp.tp}, pp {inp.pp} must all be >= 1"))
     elif inp.world_size % mp:
@@ -119,7 +146,10 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
             )
         )
 
-    # Model, selection, TP compatibility, balance and memory need the model config.
+
+def _model_checks(inp: CheckInputs, add):
+    """Read the model config and the selection (made for that model?); returns (config, spec, heads), None if absent.
+    TP compatibility, balance and memory need them."""
     cfg = spec = heads = None
     if inp.model:
         try:
@@ -142,28 +172,11 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
             add(Finding("selection", "fail", str(e)))
     else:
         add(Finding("selection", "skip", "no heads.json given (--heads); the plan uses the worst case"))
+    return cfg, spec, heads
 
-    if spec is not None and inp.pp > spec.num_layers:
-        add(Finding("pipeline", "fail", f"--pp {inp.pp} exceeds the model's {spec.num_layers} layers"))
-    if spec is not None:
-        _tp_checks(inp, spec, heads, add)
-    else:
-        add(Finding("tensor parallel", "skip", "no model config given (--model)"))
-    if not inp.gpu_mem_gib:
-        add(Finding("memory", "skip", "no GPU memory size given (--gpu-mem GIB)"))
-    elif spec is None:
-        add(Finding("memory", "skip", "no model config given (--model)"))
-    elif min(inp.world_size, inp.tp, inp.pp) < 1 or inp.world_size % mp:
-        add(Finding("memory", "skip", "the world size does not split over tp x pp"))
-    else:
-        _memory_check(inp, cfg, heads, add)
 
-    if inp.output_dir:
-        why = writable_dir(inp.output_dir)
-        add(Finding("output dir", "fail" if why else "ok", why or f"{inp.output_dir} is writable"))
-    else:
-        add(Finding("output dir", "skip", "no output folder given"))
-
+def _port_check(inp: CheckInputs, add) -> None:
+    """The master port is a TCP port and free here (checked only when this host is the master)."""
     if inp.master_port is None:
         add(Finding("master port", "skip", "no master port given"))
     elif not 0 < inp.master_port < 65536:
@@ -180,7 +193,6 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
                 f"{inp.master_port} is in use on this host; pass another --master-port (or stop the old job)",
             )
         )
-    return out
 
 
 def _tp_checks(inp: CheckInputs, spec, heads, add) -> None:

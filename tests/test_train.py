@@ -305,7 +305,7 @@ def plain(tmp_path_factory) -> dict:
         [sys.executable, str(MAIN), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return {"out": out, "base": base}
+    return {"out": out, "base": base, "task": task}
 
 
 def test_plain_process_localizes_then_trains_bf16_chat_packing(plain):
@@ -318,3 +318,17 @@ def test_plain_process_localizes_then_trains_bf16_chat_packing(plain):
     log = log_of(out)
     assert sum(r["loss"] for r in log[-3:]) / 3 < log[0]["loss"]
     assert_bit_exact(out, base=plain["base"], trained_full=("o_proj",))
+
+
+def test_train_top_k_writes_the_heads_json_alps_ds_localize_writes(plain, tmp_path, capsys):
+    """Both go through alps_ds.localize.make_selection: the same heads, scores and provenance, byte for byte."""
+    from alps_ds.cli import main
+
+    out = tmp_path / "localized"
+    argv = ["localize", "--base", str(plain["base"]), "--task", str(plain["task"]), "--out", str(out)]
+    assert main([*argv, "--ratio", "0.25", "--quiet"]) == 0
+    by_train = json.loads((plain["out"] / "heads.json").read_text())
+    by_localize = json.loads((out / "heads.json").read_text())
+    assert by_train["provenance"]["dtype"] == "float32" and by_train["provenance"]["alps_ds_version"]
+    assert by_train["provenance"]["seed"] is None  # top-k draws nothing at random
+    assert by_train == by_localize

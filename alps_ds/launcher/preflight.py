@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from alps_ds.arch import TP_LAYOUTS
 from alps_ds.errors import AlpsError
-from alps_ds.parallel.mapping import TP_LAYOUTS
 from alps_ds.train.config import DEFAULT_ZERO_STAGE, ZERO_STAGES
 
 Status = Literal["ok", "fail", "warn", "skip"]
@@ -289,7 +289,7 @@ def add_check_arguments(parser) -> None:
     g.add_argument("--ratio", type=float, help="head ratio for the memory plan without --heads (default: YAML, 0.1)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    g.add_argument("--tp-layout", choices=TP_LAYOUTS, help="how TP splits Q/K/V")
+    g.add_argument("--tp-layout", choices=tuple(TP_LAYOUTS), help="how TP splits Q/K/V")
     g.add_argument(
         "--zero",
         type=int,

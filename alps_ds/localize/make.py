@@ -56,12 +56,11 @@ def choose_selection(
     check_choice("method", method, (*METHODS, EXPLICIT))
     if (method == EXPLICIT) != (heads is not None):
         raise AlpsError("heads: pass heads exactly when method is 'explicit'")
-    L, n = model.num_layers, model.num_heads
-    chosen = (
-        list(heads)
-        if heads is not None
-        else choose(method, num_layers=L, num_heads=n, ratio=ratio, seed=seed, scores=scores)
-    )
+    if heads is not None:
+        chosen = list(heads)
+    else:
+        L, n = model.num_layers, model.num_heads
+        chosen = choose(method, num_layers=L, num_heads=n, ratio=ratio, seed=seed, scores=scores)
     scored = scores is not None
     provenance = Provenance(
         select=method,

@@ -167,7 +167,8 @@ class CheckpointReader:
                 raise AlpsError(
                     f"{self.label} {self.dir}: only a pickle checkpoint ({pickled[0]}) is there; alps-ds reads "
                     "safetensors only (pickle can run code): re-save with save_pretrained(safe_serialization=True), "
-                    "or pass --allow-pickle to load its tensors with torch.load(weights_only=True)"
+                    "or allow pickle (allow_pickle=True; alps-ds localize --allow-pickle) to load its tensors with "
+                    "torch.load(weights_only=True)"
                 )
             raise AlpsError(f"{self.label} {self.dir}: no {SINGLE_FILE} or {INDEX_FILE}; not a safetensors checkpoint")
         wanted = [

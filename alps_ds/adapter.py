@@ -10,7 +10,8 @@ Layout of an adapter folder::
 
     adapter.json          format, version, kv policy, dtype, the heads.json selection, per module
                           the checkpoint key, row ranges and rows per kind, and (when the model was
-                          loaded from a local folder) the base's path and Q/K/V digest
+                          loaded from a local folder) the base's path and Q/K/V digest; the names
+                          of the parameters trained in full (train_others)
     adapter.safetensors   "<module>.weight" [rows, in] (and "<module>.bias" [rows]) per module
 """
 
@@ -68,6 +69,7 @@ class Adapter:
     modules: tuple[AdapterModule, ...]
     tensors: dict[str, torch.Tensor]
     base: dict[str, Any] | None = None  # alps_ds.digest.base_record of the base it was trained on
+    train_others: tuple[str, ...] = ()  # parameters trained in full (train_others), by name
 
     @classmethod
     def read(cls, adapter_dir: str | os.PathLike) -> Adapter:
@@ -122,7 +124,10 @@ class Adapter:
         base = meta.get("base")
         if base is not None and not isinstance(base, dict):
             raise AlpsError(f"{meta_path}: 'base' is not an object; save the adapter again")
-        return cls(selection, str(meta.get("kv")), str(meta.get("dtype")), modules, tensors, base)
+        others = meta.get("train_others") or []
+        if not isinstance(others, list) or not all(isinstance(n, str) for n in others):
+            raise AlpsError(f"{meta_path}: 'train_others' is not a list of parameter names; save the adapter again")
+        return cls(selection, str(meta.get("kv")), str(meta.get("dtype")), modules, tensors, base, tuple(others))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -177,6 +182,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
             if mod.head_bias is not None:
                 tensors[f"{name}.bias"] = mod.head_bias.detach().cpu().clone().contiguous()
         entries.append(AdapterModule(name, mod.ranges, mod.kinds, mod.in_features, mod.head_bias is not None))
+    hooked_names = {name for name, _ in hooked}
+    others = [n for n, p in model.named_parameters() if p.requires_grad and n.rpartition(".")[0] not in hooked_names]
     out = Path(out_dir)
     if _rank() == 0:
         base_dir = model_base_dir(model)
@@ -189,6 +196,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
             "selection": selection.to_dict(),
             "modules": [e.to_dict() for e in entries],
             "base": None if base_dir is None else base_record(base_dir),
+            "train_others": others,
         }
         with atomic_dir(out) as tmp:
             save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})

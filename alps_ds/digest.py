@@ -64,9 +64,17 @@ def model_base_dir(model) -> Path | None:
     return path if (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file() else None
 
 
-def check_base(recorded: dict[str, Any] | None, base_dir: str | os.PathLike, *, owner: str) -> None:
-    """Refuse ``base_dir`` unless its digest equals ``recorded`` (what ``owner``, a file or folder, was
-    made from). Nothing recorded (written before alps-ds kept digests): accepted as before."""
+def check_base(
+    recorded: dict[str, Any] | None,
+    base_dir: str | os.PathLike,
+    *,
+    owner: str,
+    fix: str = "use the base it was trained on",
+    found: str | None = None,
+) -> None:
+    """Refuse ``base_dir`` unless its digest (``found``, computed when not given) equals ``recorded``,
+    what ``owner`` (a file or folder) was trained on. Nothing recorded (written before alps-ds kept
+    digests): accepted as before."""
     if recorded is None:
         return
     if not isinstance(recorded, dict) or not isinstance(recorded.get("qkv_digest"), str):
@@ -75,10 +83,10 @@ def check_base(recorded: dict[str, Any] | None, base_dir: str | os.PathLike, *, 
         raise AlpsError(
             f"{owner}: base digest scheme {recorded.get('scheme')!r} unknown (this alps-ds: {SCHEME}); upgrade"
         )
-    found = qkv_digest(base_dir)
+    found = found or qkv_digest(base_dir)
     if found != recorded["qkv_digest"]:
+        path = recorded.get("path")
         raise AlpsError(
             f"{owner}: trained on another base than {base_dir} (Q/K/V digest {recorded['qkv_digest'][:19]}... "
-            f"recorded, {found[:19]}... found there); use the base it was trained on"
-            + (f" ({recorded['path']})" if isinstance(recorded.get("path"), str) else "")
+            f"recorded, {found[:19]}... found there); {fix}" + (f" ({path})" if isinstance(path, str) else "")
         )

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from alps_ds.digest import base_record
 from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_write_text
-from alps_ds.train.checkpoint import check_world_size, load_checkpoint, read_latest, save_checkpoint
+from alps_ds.train.checkpoint import check_base, check_world_size, load_checkpoint, read_latest, save_checkpoint
 from alps_ds.train.config import RunConfig, gradient_accumulation
 from alps_ds.train.data import StepPlan, collate, tokenize_all
 from alps_ds.train.distributed import barrier, init_distributed, quiet_logs
@@ -54,6 +55,9 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
 
     model_dir = resolve_model_dir(cfg, out, rank)
     spec = AttentionSpec.from_pretrained(model_dir)
+    base = base_record(model_dir)  # every rank reads it (cheap), so every rank refuses a changed base alike
+    if latest is not None:
+        check_base(ckpt_dir, latest, base)
     tokenizer = load_tokenizer(cfg, model_dir)
     grad_accum = gradient_accumulation(cfg, world)
     ds_config = deepspeed_config(cfg, grad_accum)
@@ -167,11 +171,11 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
         every = cfg.output.checkpoint_every
         if every and done % every == 0 and done < stop_at:
-            save_checkpoint(engine, ckpt_dir, done, rank, world, cfg.output.keep_checkpoints)
+            save_checkpoint(engine, ckpt_dir, done, rank, world, cfg.output.keep_checkpoints, base)
     final_step = min(step, stop_at)
     bar.close()
     if final_step > start_step or latest is None:
-        save_checkpoint(engine, ckpt_dir, final_step, rank, world, cfg.output.keep_checkpoints)
+        save_checkpoint(engine, ckpt_dir, final_step, rank, world, cfg.output.keep_checkpoints, base)
 
     finished = final_step >= total_steps
     opt_bytes = optimizer_bytes(engine)

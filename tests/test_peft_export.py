@@ -201,6 +201,12 @@ def refusal_root(tmp_path_factory) -> Path:
         HeadSelection(AttentionSpec.from_config(tiny("llama")).fingerprint, HEADS, Provenance("explicit")),
     )
     save_adapter(model, root / "unrooted")  # built in code: no base folder known, none recorded
+    (root / "moved").mkdir()  # an adapter whose recorded base folder is gone
+    for f in (root / "adapter").iterdir():
+        (root / "moved" / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((root / "moved" / "adapter.json").read_text())
+    meta["base"]["path"] = str(root / "gone")
+    (root / "moved" / "adapter.json").write_text(json.dumps(meta))
     (root / "foreign").mkdir()
     (root / "foreign" / "notes.txt").write_text("not an export")
     return root
@@ -221,13 +227,14 @@ def test_export_of_an_adapter_missing_its_train_others_is_refused(refusal_root, 
 
 @pytest.mark.parametrize(
     "case",
-    ["no-base-recorded", "out-is-foreign", "out-inside-adapter", "out-is-a-file", "rank-zero"],
+    ["no-base-recorded", "base-gone", "out-is-foreign", "out-inside-adapter", "out-is-a-file", "rank-zero"],
 )
 def test_export_bad_input_is_one_line(refusal_root, capsys, case):
     r = refusal_root
     adapter = ["--adapter", r / "adapter"]
     argv, words = {
         "no-base-recorded": (["--adapter", r / "unrooted", "--out", r / "lora"], ["unrooted", "pass --base"]),
+        "base-gone": (["--adapter", r / "moved", "--out", r / "lora"], [str(r / "gone"), "pass --base"]),
         "out-is-foreign": ([*adapter, "--out", r / "foreign"], ["foreign", "non-empty", "not written by export-lora"]),
         "out-inside-adapter": ([*adapter, "--out", r / "adapter" / "lora"], ["overlaps the adapter", "outside"]),
         "out-is-a-file": ([*adapter, "--out", r / "foreign" / "notes.txt"], ["notes.txt", "existing file"]),

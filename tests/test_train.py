@@ -154,7 +154,14 @@ def test_tensorboard_holds_the_scalars(runs):
 
 def test_checkpoints_hold_no_frozen_weights(runs):
     ckpt = runs["straight"] / "checkpoints"
-    pointer = {"tag": f"step-{STEPS:08d}", "step": STEPS, "world_size": 2}
+    from alps_ds.digest import base_record
+
+    pointer = {
+        "tag": f"step-{STEPS:08d}",
+        "step": STEPS,
+        "world_size": 2,
+        "base": base_record(runs["straight"] / "base"),
+    }
     assert json.loads((ckpt / "latest.json").read_text()) == pointer
     states = torch.load(next((ckpt / f"step-{STEPS:08d}").glob("mp_rank_00_model_states.pt")), weights_only=False)
     names = set(states["module"])

@@ -23,14 +23,22 @@ LATEST = "latest.json"
 
 
 def read_latest(ckpt_dir: Path) -> dict[str, Any] | None:
-    """The pointer to the last complete checkpoint (tag, step, and the world size that wrote it), or None."""
+    """The pointer to the last complete checkpoint (tag, step, the world size that wrote it and the
+    base it trained, see :mod:`alps_ds.digest`), or None."""
     path = ckpt_dir / LATEST
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text())
-        world = data.get("world_size")
-        return {"tag": str(data["tag"]), "step": int(data["step"]), "world_size": None if world is None else int(world)}
+        world, base = data.get("world_size"), data.get("base")
+        if base is not None and not isinstance(base, dict):
+            raise TypeError("'base' is not an object")
+        return {
+            "tag": str(data["tag"]),
+            "step": int(data["step"]),
+            "world_size": None if world is None else int(world),
+            "base": base,
+        }
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise AlpsError(f"{path}: unreadable checkpoint pointer ({e}); delete it to start over") from e
 
@@ -43,6 +51,20 @@ def check_world_size(ckpt_dir: Path, latest: dict[str, Any], world: int) -> None
             f"{ckpt_dir / LATEST}: checkpoint {latest['tag']} was written by {latest['world_size']} ranks, this run "
             f"has {world}; resume with {latest['world_size']} ranks (ZeRO state is partitioned per rank)"
         )
+
+
+def check_base(ckpt_dir: Path, latest: dict[str, Any], base: dict[str, Any]) -> None:
+    """The slices in a checkpoint are rows of the base it trained: resuming them on another model of
+    the same shape would train a mix. ``base`` is this run's :func:`alps_ds.digest.base_record`."""
+    from alps_ds import digest
+
+    digest.check_base(
+        latest["base"],
+        base["path"],
+        owner=f"{ckpt_dir / LATEST} (checkpoint {latest['tag']})",
+        fix="set model.path back to the model it was trained on, or choose another output.dir",
+        found=base["qkv_digest"],
+    )
 
 
 def rng_state() -> dict[str, Any]:
@@ -62,8 +84,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, world: int, keep: int) -> str:
-    """Save under a new tag, then (after every rank finished) point ``latest.json`` at it.
+def save_checkpoint(
+    engine, ckpt_dir: Path, step: int, rank: int, world: int, keep: int, base: dict[str, Any] | None = None
+) -> str:
+    """Save under a new tag, then (after every rank finished) point ``latest.json`` at it (recording
+    ``base``, the digest record of the model trained, which a resume compares).
 
     A crash at any moment leaves ``latest.json`` naming a complete checkpoint (or none yet).
     """
@@ -75,7 +100,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, world: int, ke
         torch.save({"step": step, "rng": rng_state()}, f)
     barrier()
     if rank == 0:
-        atomic_write_text(ckpt_dir / LATEST, json.dumps({"tag": tag, "step": step, "world_size": world}) + "\n")
+        pointer = {"tag": tag, "step": step, "world_size": world, "base": base}
+        atomic_write_text(ckpt_dir / LATEST, json.dumps(pointer) + "\n")
         prune_checkpoints(ckpt_dir, keep, newest=step)
     barrier()
     return tag

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from alps_ds.digest import base_record
 from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_write_text
-from alps_ds.train.checkpoint import check_world_size, load_checkpoint, read_latest, save_checkpoint
+from alps_ds.train.checkpoint import check_base, check_world_size, load_checkpoint, read_latest, save_checkpoint
 from alps_ds.train.config import RunConfig, gradient_accumulation
 from alps_ds.train.data import StepPlan, collate, tokenize_all
 from alps_ds.train.distributed import barrier, init_distributed, quiet_logs
@@ -65,6 +66,7 @@ class Run:
     zero_init: bool  # the model was built partitioned (ZeRO-3 zero.Init)
     total_steps: int
     start_step: int
+    base: dict | None = None  # digest record of the base Q/K/V (latest.json), refused on resume if it changed
     log: TrainLog | None = None  # rank 0 only
     writer: Any = None  # TensorBoard SummaryWriter, rank 0 with logging.tensorboard
 
@@ -94,6 +96,9 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
 
     model_dir = resolve_model_dir(cfg, out, rank)
     spec = AttentionSpec.from_pretrained(model_dir)
+    base = base_record(model_dir)  # every rank reads it (cheap), so every rank refuses a changed base alike
+    if latest is not None:
+        check_base(ckpt_dir, latest, base)
     tokenizer = load_tokenizer(cfg, model_dir)
     grad_accum = gradient_accumulation(cfg, world)
     ds_config = deepspeed_config(cfg, grad_accum)
@@ -130,6 +135,7 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
         zero_init=zero_init,
         total_steps=total_steps,
         start_step=start_step,
+        base=base,
     )
     if rank == 0:
         _open_logs(run, stats)
@@ -251,7 +257,7 @@ def run_steps(run: Run) -> Progress:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         every = cfg.output.checkpoint_every
         if every and done % every == 0 and done < stop_at:
-            save_checkpoint(run.engine, run.ckpt_dir, done, run.rank, run.world, cfg.output.keep_checkpoints)
+            save_checkpoint(run.engine, run.ckpt_dir, done, run.rank, run.world, cfg.output.keep_checkpoints, run.base)
     progress.final_step = min(step, stop_at)
     bar.close()
     return progress
@@ -295,7 +301,9 @@ def finish(run: Run, progress: Progress) -> Summary | None:
 
     cfg, final_step = run.cfg, progress.final_step
     if final_step > run.start_step or not run.resumed:
-        save_checkpoint(run.engine, run.ckpt_dir, final_step, run.rank, run.world, cfg.output.keep_checkpoints)
+        save_checkpoint(
+            run.engine, run.ckpt_dir, final_step, run.rank, run.world, cfg.output.keep_checkpoints, run.base
+        )
     finished = final_step >= run.total_steps
     per_rank: list[Any] = [None] * run.world
     dist.all_gather_object(per_rank, optimizer_bytes(run.engine))

@@ -24,7 +24,7 @@ DEFAULT_PORT = 29500
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from alps_ds.launcher.build import DS_LAUNCHERS, MPI_FLAVORS
+    from alps_ds.launcher.build import DS_LAUNCHERS, MPI_FLAVORS, STARTERS
     from alps_ds.launcher.preflight import add_check_arguments
 
     src = parser.add_mutually_exclusive_group()
@@ -34,9 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc-per-node", type=int, metavar="N", help="ranks per node (default: slots / GPUs / 1)")
     parser.add_argument("--master-addr", metavar="A", help="rendezvous host (default: the first host)")
     parser.add_argument("--master-port", type=int, default=DEFAULT_PORT, metavar="P", help="rendezvous port")
-    parser.add_argument(
-        "--starter", choices=("deepspeed", "torchrun"), default="deepspeed", help="what starts ranks on each node"
-    )
+    parser.add_argument("--starter", choices=STARTERS, default=STARTERS[0], help="what starts ranks on each node")
     parser.add_argument(
         "--launcher",
         choices=DS_LAUNCHERS,

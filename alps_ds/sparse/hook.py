@@ -17,7 +17,7 @@ from alps_ds.arch import AttentionSpec
 from alps_ds.errors import AlpsError
 from alps_ds.layout import KVPolicy, matches_train_others, trainable_rows
 from alps_ds.selection import HeadSelection
-from alps_ds.sparse.module import HeadRowsLinear, gathered, reparametrize, set_submodule
+from alps_ds.sparse.module import HeadRowsLinear, Ranges, gathered, reparametrize, set_submodule
 
 
 def hooked_modules(model: nn.Module) -> Iterator[tuple[str, HeadRowsLinear]]:
@@ -25,6 +25,26 @@ def hooked_modules(model: nn.Module) -> Iterator[tuple[str, HeadRowsLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, HeadRowsLinear):
             yield name, module
+
+
+def slice_addresses(model: nn.Module) -> dict[str, tuple[str, Ranges | None]]:
+    """Trainable parameter name -> (the tensor's key in the HF checkpoint, its row ranges or None for all of it).
+
+    The address of what a parameter trains, independent of how it is held: checkpoints and exports
+    key slices by it. Ranges are the module's own rows (the whole model's with no tensor parallelism).
+    """
+    hooked = dict(hooked_modules(model))
+    out: dict[str, tuple[str, Ranges | None]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        module_name, _, pname = name.rpartition(".")
+        if module_name in hooked and pname in ("head_weight", "head_bias"):
+            key = f"{module_name}.{'weight' if pname == 'head_weight' else 'bias'}"
+            out[name] = (key, hooked[module_name].ranges)
+        else:
+            out[name] = (name, None)
+    return out
 
 
 def qkv_module_names(model: nn.Module, spec: AttentionSpec) -> set[str]:

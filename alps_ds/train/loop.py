@@ -20,7 +20,7 @@ import torch
 
 from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_write_text
-from alps_ds.train.checkpoint import check_world_size, load_checkpoint, read_latest, save_checkpoint
+from alps_ds.train.checkpoint import check_resume, load_checkpoint, read_latest, save_checkpoint
 from alps_ds.train.config import RunConfig, gradient_accumulation
 from alps_ds.train.data import StepPlan, collate, tokenize_all
 from alps_ds.train.distributed import barrier, init_distributed, quiet_logs
@@ -43,8 +43,6 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
         raise AlpsError(f"output.dir: {out} already holds checkpoints; pass --resume or choose another output.dir")
     if resume and latest is None and rank == 0:
         print(f"alps-ds train: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
-    if latest is not None:
-        check_world_size(ckpt_dir, latest, world)
 
     import deepspeed
     import torch.distributed as dist
@@ -59,6 +57,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
     ds_config = deepspeed_config(cfg, grad_accum)
     stage = zero_stage(ds_config)
     dtype = train_dtype(ds_config)
+    if latest is not None:
+        check_resume(ckpt_dir, latest, world, stage, cfg.train.batch)
 
     examples, stats = tokenize_all(cfg.data, tokenizer, progress=rank == 0 and cfg.logging.progress)
     plan = StepPlan(len(examples), cfg.train.micro_batch, grad_accum, world, cfg.train.seed, cfg.data.shuffle)

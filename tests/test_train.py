@@ -39,7 +39,7 @@ def log_of(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
 
 
-def run_plain(*args: str) -> None:
+def run_plain(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """``alps-ds ARGS`` as one plain process (no launcher variables: a group of one)."""
     env = rank_env()
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -47,7 +47,8 @@ def run_plain(*args: str) -> None:
     proc = subprocess.run(
         [sys.executable, str(MAIN), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0 or not check, (proc.stdout + proc.stderr)[-4000:]
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +233,19 @@ def test_resume_on_one_rank_and_another_zero_stage_equals_a_straight_run(runs):
         for key in base:
             assert torch.allclose(merged[key], base[key], atol=1e-6, rtol=0), (name, key)
         assert_bit_exact(out)
+
+
+def test_a_damaged_elastic_shard_is_one_line(runs, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(runs["half"]), str(out)], check=True)
+    shard = out / "checkpoints" / "step-00000006" / "alps_slices-00001-of-00002.safetensors"
+    shard.write_bytes(b"not safetensors")
+    pointer = (out / "checkpoints" / "latest.json").read_bytes()
+    proc = run_plain(*train_args(out, "--resume"), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"alps-ds: error: {shard}: cannot read slice "), last
+    assert (out / "checkpoints" / "latest.json").read_bytes() == pointer and not (out / "merged").exists()
 
 
 def ds_fp32_slices(ckpt: Path) -> dict[str, torch.Tensor]:

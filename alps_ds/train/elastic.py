@@ -16,6 +16,7 @@ Values go through DeepSpeed's tensor-fragment API (``safe_get_full_fp32_param``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -155,19 +156,21 @@ def load(engine, tag_dir: Path) -> None:
             f"{tag_dir / META}: optimizer state {keys} does not fit this run's optimizer ({_state_keys(engine)}); "
             "resume with the optimizer that wrote it"
         )
-    files: dict[str, Any] = {}
-    for p, key, _ in trained:
-        name = meta["slices"][key]["file"]
-        try:
-            f = files.get(name) or files.setdefault(name, safe_open(str(tag_dir / name), "pt"))
-            values = {k: f.get_tensor(f"{key}/{k}") for k in ("fp32", *keys)}
-        except Exception as e:  # safetensors raises its own error types for a missing or damaged file
-            raise AlpsError(f"{tag_dir / name}: cannot read slice {key} ({type(e).__name__}: {e})") from e
-        with torch.no_grad(), gathered([p], modify=True):  # the module's (low-precision) copy the forward uses
-            p.data.copy_(values["fp32"].reshape(p.shape).to(p.dtype))
-        safe_set_full_fp32_param(p, values["fp32"])
-        for k in keys:
-            safe_set_full_optimizer_state(p, values[k], k)
+    with contextlib.ExitStack() as stack:
+        files: dict[str, Any] = {}
+        for p, key, _ in trained:
+            name = meta["slices"][key]["file"]
+            try:
+                if name not in files:
+                    files[name] = stack.enter_context(safe_open(str(tag_dir / name), "pt"))
+                values = {k: files[name].get_tensor(f"{key}/{k}") for k in ("fp32", *keys)}
+            except Exception as e:  # safetensors raises its own error types for a missing or damaged file
+                raise AlpsError(f"{tag_dir / name}: cannot read slice {key} ({type(e).__name__}: {e})") from e
+            with torch.no_grad(), gathered([p], modify=True):  # the module's copy the forward uses
+                p.data.copy_(values["fp32"].reshape(p.shape).to(p.dtype))
+            safe_set_full_fp32_param(p, values["fp32"])
+            for k in keys:
+                safe_set_full_optimizer_state(p, values[k], k)
     for st in _inner(engine).state.values():
         if "step" in st:
             n = meta["optimizer_step"]

@@ -23,7 +23,7 @@ import torch
 from alps_ds.digest import base_record
 from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_write_text
-from alps_ds.train.checkpoint import check_base, check_world_size, load_checkpoint, read_latest, save_checkpoint
+from alps_ds.train.checkpoint import check_base, check_resume, load_checkpoint, read_latest, save_checkpoint
 from alps_ds.train.config import RunConfig, gradient_accumulation
 from alps_ds.train.data import StepPlan, collate, tokenize_all
 from alps_ds.train.distributed import barrier, init_distributed, quiet_logs
@@ -102,6 +102,8 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
     tokenizer = load_tokenizer(cfg, model_dir)
     grad_accum = gradient_accumulation(cfg, world)
     ds_config = deepspeed_config(cfg, grad_accum)
+    if latest is not None:  # another world size or ZeRO stage resumes elastically; a changed batch is refused
+        check_resume(ckpt_dir, latest, world, zero_stage(ds_config), cfg.train.batch)
     examples, stats, plan, total_steps = _prepare_data(cfg, tokenizer, grad_accum, world, rank)
     selection = resolve_selection(cfg, spec, model_dir, out, rank, resume and latest is not None)
     engine, scheduler, report, zero_init = _build_engine(cfg, model_dir, spec, selection, ds_config, total_steps)
@@ -149,8 +151,6 @@ def _latest_checkpoint(ckpt_dir: Path, out: Path, rank: int, world: int, resume:
         raise AlpsError(f"output.dir: {out} already holds checkpoints; pass --resume or choose another output.dir")
     if resume and latest is None and rank == 0:
         print(f"alps-ds train: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
-    if latest is not None:
-        check_world_size(ckpt_dir, latest, world)
     return latest
 
 

@@ -17,6 +17,7 @@ _LAZY = {
     "save_adapter": "alps_ds.adapter",
     "load_adapter": "alps_ds.adapter",
     "merge_adapter_into_checkpoint": "alps_ds.adapter",
+    "base_weights": "alps_ds.integrations.reference",
 }
 
 
@@ -40,6 +41,7 @@ __all__ = [
     "TrainableReport",
     "__version__",
     "apply",
+    "base_weights",
     "load_adapter",
     "merge",
     "merge_adapter_into_checkpoint",

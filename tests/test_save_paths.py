@@ -100,3 +100,18 @@ def test_merge_state_dict_refuses_hooked_keys_it_cannot_merge(trained):
     raw.pop("model.layers.0.self_attn.q_proj.weight")  # a partial dict: the slice has no weight to go into
     with pytest.raises(AlpsError, match="save_adapter"):
         merge_state_dict(model, raw)
+
+
+def test_the_trainers_refuse_what_they_cannot_do(tmp_path):
+    from trl import DPOConfig
+
+    from alps_ds.integrations import AlpsDPOTrainer, AlpsTrainer
+
+    with pytest.raises(AlpsError, match="alps_ds.apply"):
+        AlpsTrainer(model=build_model(CFG, seed=0))
+    model = hooked()
+    with pytest.raises(AlpsError, match="no ref_model"):
+        AlpsDPOTrainer(model=model, ref_model=build_model(CFG, seed=0))
+    args = DPOConfig(output_dir=str(tmp_path), sync_ref_model=True, use_cpu=True, bf16=False, report_to=[])
+    with pytest.raises(AlpsError, match="sync_ref_model"):
+        AlpsDPOTrainer(model=model, args=args)

@@ -62,7 +62,7 @@ def _no_reference_copy() -> Iterator[None]:
 class AlpsDPOTrainer(AlpsTrainerMixin, DPOTrainer):
     """TRL ``DPOTrainer`` whose reference log-probs come from the policy's frozen rows (no ``ref_model``)."""
 
-    def __init__(self, model, ref_model=None, *args, **kwargs):
+    def __init__(self, model, ref_model=None, args=None, *rest, **kwargs):
         if ref_model is not None:
             raise AlpsError(
                 "AlpsDPOTrainer: pass no ref_model; the reference is the model's own frozen rows "
@@ -70,8 +70,8 @@ class AlpsDPOTrainer(AlpsTrainerMixin, DPOTrainer):
             )
         if isinstance(model, str):
             raise AlpsError("AlpsDPOTrainer: pass the model hooked by alps_ds.apply, not a model id")
-        with _no_reference_copy():
-            super().__init__(model, None, *args, **kwargs)
-        if getattr(self.args, "sync_ref_model", False):
+        if getattr(args, "sync_ref_model", False):
             raise AlpsError("AlpsDPOTrainer: sync_ref_model=True has no reference model to sync; set it False")
+        with _no_reference_copy():
+            super().__init__(model, None, args, *rest, **kwargs)
         self.ref_model = FrozenRowsReference(self)

@@ -28,7 +28,7 @@ ADAPTER_DIR = "adapter"
 
 def require_hooked(model, who: str) -> None:
     """Refuse a model that ``alps_ds.apply`` has not hooked (it would train nothing or everything)."""
-    if not any(True for _ in hooked_modules(model)):
+    if model is None or not any(True for _ in hooked_modules(model)):  # model_init: nothing hooked to check
         raise AlpsError(f"{who}: model has no hooked projections; call alps_ds.apply(model, selection) first")
 
 

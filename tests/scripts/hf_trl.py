@@ -148,14 +148,23 @@ class Rows(torch.utils.data.Dataset):
 
 
 def optimizer_elements(engine) -> int:
-    """Elements this rank's ZeRO optimizer updates (fp32 partitions minus padding)."""
+    """Elements this rank's optimizer updates (ZeRO: fp32 partitions minus padding; stage 0: all it holds)."""
     opt = engine.optimizer
     if hasattr(opt, "fp32_partitioned_groups_flat"):
         return sum(g.numel() - sum(pad) for g, pad in zip(opt.fp32_partitioned_groups_flat, opt.groups_padding))
-    return sum(g.numel() - pad for g, pad in zip(opt.single_partition_of_fp32_groups, opt.groups_padding))
+    if hasattr(opt, "single_partition_of_fp32_groups"):
+        return sum(g.numel() - pad for g, pad in zip(opt.single_partition_of_fp32_groups, opt.groups_padding))
+    return sum(p.numel() for g in opt.param_groups for p in g["params"])
 
 
-def plain_trainer(work: Path, case: str, ds: str) -> dict:
+def with_stage(path: str, stage: int) -> dict:
+    """configs/hf/ds_zero2.json with another ZeRO stage (0 and 1 ship no JSON of their own)."""
+    config = json.loads(Path(path).read_text())
+    config["zero_optimization"]["stage"] = stage
+    return config
+
+
+def plain_trainer(work: Path, case: str, ds: str | dict) -> dict:
     """HF Trainer without any alps_ds class: every save path a user may call must write the trained rows."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -187,11 +196,11 @@ def plain_trainer(work: Path, case: str, ds: str) -> dict:
     engine = trainer.model_wrapped
     trainer.save_model(str(out / "save_model"))
     state = trainer.accelerator.get_state_dict(engine)
-    engine.save_16bit_model(str(out / "save_16bit_model"))
+    engine.save_16bit_model(str(out / "save_16bit"))
     if rank0():
         (out / "get_state_dict").mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / "get_state_dict/model.safetensors"))
-        for name in ("get_state_dict", "save_16bit_model"):
+        for name in ("get_state_dict", "save_16bit"):
             model.config.save_pretrained(out / name)
     refused = ""
     try:
@@ -223,6 +232,8 @@ def main() -> int:
         "sft-z2-resume": lambda: sft(work, scripts, "sft-z2-resume", Z2, resume_from="sft-z2"),
         "dpo-z2": lambda: dpo(work, scripts, "dpo-z2", Z2),
         "dpo-z3": lambda: dpo(work, scripts, "dpo-z3", Z3),
+        "trainer-z0": lambda: plain_trainer(work, "trainer-z0", with_stage(Z2, 0)),
+        "trainer-z1": lambda: plain_trainer(work, "trainer-z1", with_stage(Z2, 1)),
         "trainer-z2": lambda: plain_trainer(work, "trainer-z2", Z2),
         "trainer-z3": lambda: plain_trainer(work, "trainer-z3", Z3),
     }

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist import REPO, run_ranks  # noqa: E402
@@ -91,7 +91,8 @@ def selected_rows(family: str) -> dict[str, torch.Tensor]:
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    return {k: v.detach() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")  # the saved dtype
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def row_problems(saved: dict[str, torch.Tensor], base: dict[str, torch.Tensor], rows: dict) -> list[str]:
@@ -136,6 +137,7 @@ SAVED = [
     ("dpo-z2/final", "qwen2"),
     ("dpo-z3/final", "qwen2"),
     *((f"trainer-z{z}/{how}", "qwen2") for z in range(4) for how in ("save_model", "get_state_dict", "save_16bit")),
+    *((f"trainer-z3-bf16/{how}", "qwen2") for how in ("save_model", "get_state_dict", "save_16bit")),
 ]
 
 
@@ -144,15 +146,15 @@ def test_from_pretrained_has_exactly_the_trained_rows(work, result, saved, famil
     files = list((work / saved).glob("model*.safetensors")) + list((work / saved).glob("pytorch_model*.bin"))
     assert files, f"{saved}: no weights written"
     for f in files:
-        keys = safe_open(str(f), "pt").keys() if f.suffix == ".safetensors" else torch.load(f, weights_only=True)
-        assert not [k for k in keys if "head_" in k], f"{f}: hooked keys saved"
+        state = load_file(f) if f.suffix == ".safetensors" else torch.load(f, weights_only=True)
+        assert not [k for k in state if "head_" in k], f"{f}: hooked keys saved"
+        want = torch.bfloat16 if "bf16" in saved else torch.float32
+        assert {t.dtype for t in state.values()} == {want}, f"{f}: not saved in {want}"
     assert row_problems(tensors(work / saved), tensors(work / family), selected_rows(family)) == []
 
 
 @pytest.mark.parametrize("run", ["sft-z3", "sft-z2", "dpo-z2"])
 def test_final_adapter_holds_the_saved_rows(work, run):
-    from safetensors.torch import load_file
-
     saved = tensors(work / run / "final")
     adapter = load_file(work / run / "final/adapter/adapter.safetensors")
     family = "llama" if run.startswith("sft") else "qwen2"

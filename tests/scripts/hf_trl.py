@@ -164,7 +164,7 @@ def with_stage(path: str, stage: int) -> dict:
     return config
 
 
-def plain_trainer(work: Path, case: str, ds: str | dict) -> dict:
+def plain_trainer(work: Path, case: str, ds: str | dict, *, bf16: bool = False) -> dict:
     """HF Trainer without any alps_ds class: every save path a user may call must write the trained rows."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -190,6 +190,7 @@ def plain_trainer(work: Path, case: str, ds: str | dict) -> dict:
         gradient_checkpointing_kwargs={"use_reentrant": True},
         disable_tqdm=True,
         seed=3,
+        bf16=bf16,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Rows(model.config.vocab_size))
     trainer.train()
@@ -236,6 +237,7 @@ def main() -> int:
         "trainer-z1": lambda: plain_trainer(work, "trainer-z1", with_stage(Z2, 1)),
         "trainer-z2": lambda: plain_trainer(work, "trainer-z2", Z2),
         "trainer-z3": lambda: plain_trainer(work, "trainer-z3", Z3),
+        "trainer-z3-bf16": lambda: plain_trainer(work, "trainer-z3-bf16", Z3, bf16=True),
     }
     chosen = sys.argv[3:] or list(cases)
     results = {}

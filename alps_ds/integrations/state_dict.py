@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from alps_ds.errors import AlpsError
-from alps_ds.hooked import HeadRows, hooked_modules
+from alps_ds.hooked import hooked_modules
 
 _RAW = contextvars.ContextVar("alps_ds_raw_state_dict", default=False)
 LEAVES = (("weight", "head_weight"), ("bias", "head_bias"))
@@ -63,7 +63,7 @@ def merge_rows_hook(module: nn.Module, state_dict: dict, prefix: str, local_meta
 def merge_state_dict(model: nn.Module, state_dict: dict) -> dict:
     """``state_dict`` (of ``model``, e.g. DeepSpeed's consolidated ZeRO-3 one) with every hooked module merged."""
     for name, module in hooked_modules(model):
-        if isinstance(module, HeadRows) and hasattr(module, "rows"):
+        if hasattr(module, "rows"):  # HeadRowsLinear and its subclasses; other types stay and are refused below
             merge_rows_hook(module, state_dict, f"{name}." if name else "")
     leftover = [k for k in state_dict if k.rpartition(".")[2] in ("head_weight", "head_bias")]
     if leftover and not _RAW.get():

@@ -23,6 +23,7 @@ from torch import nn
 
 from alps_ds.errors import AlpsError
 from alps_ds.hooked import HeadRows
+from alps_ds.integrations import state_dict
 from alps_ds.layout import merge_ranges
 
 Ranges = tuple[tuple[int, int], ...]
@@ -86,6 +87,8 @@ class HeadRowsLinear(HeadRows):
     module's :class:`~alps_ds.hooked.HookedRows`, selection and kv policy with ``describe``.
     """
 
+    base_only = False  # set by alps_ds.base_weights(model)
+
     def __init__(
         self,
         weight: nn.Parameter,
@@ -110,12 +113,15 @@ class HeadRowsLinear(HeadRows):
         # On the slice's device: index_copy refuses an index on another device, and DeepSpeed does
         # not move a model built under zero.Init (so a CPU buffer would stay behind the GPU weights).
         self.register_buffer("rows", row_index(ranges, head_weight.device), persistent=False)
+        state_dict.register(self)  # save: trained rows merged into weight; load: split back (integrations)
 
     @property
     def num_rows(self) -> int:
         return sum(b - a for a, b in self.ranges)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base_only:  # alps_ds.base_weights: the frozen base projection, e.g. DPO's reference
+            return F.linear(x, self.weight, self.bias)
         y = F.linear(x, self.weight, self.bias)
         y_rows = F.linear(x, self.head_weight, self.head_bias)
         return y.index_copy(-1, self.rows, y_rows.to(y.dtype))

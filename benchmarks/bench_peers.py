@@ -120,7 +120,8 @@ def mask_rows(model, spec, sel) -> None:
             w.requires_grad_(True)
             keep = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
             keep[torch.tensor(rows.get(name, []), dtype=torch.long)] = 1
-            w.register_hook(lambda g, keep=keep: g * keep.to(g.dtype))
+            # The engine may move the model after this (to CUDA, to bf16): follow the gradient.
+            w.register_hook(lambda g, keep=keep: g * keep.to(device=g.device, dtype=g.dtype))
 
 
 def build_arm(arm: str, cfg, spec, sel):
@@ -226,9 +227,9 @@ def time_stage(stage, args, cfg, spec, sel, bf16, device) -> dict[str, dict]:
             step()
             samples[arm].append(time.perf_counter() - t)
     for arm in args.arms:
-        t = torch.tensor(samples[arm], dtype=torch.float64)
+        t = torch.tensor(samples[arm], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
-        state = torch.tensor([optimizer_state_bytes(engines[arm])], dtype=torch.float64)
+        state = torch.tensor([optimizer_state_bytes(engines[arm])], dtype=torch.float64, device=device)
         gathered = [torch.zeros_like(state) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, state)
         out[arm].update(step_s=statistics.median(t.tolist()), opt_bytes_per_rank=[int(g.item()) for g in gathered])
@@ -237,22 +238,38 @@ def time_stage(stage, args, cfg, spec, sel, bf16, device) -> dict[str, dict]:
 
 
 def peak_memory(stage, args, cfg, spec, sel, bf16, device) -> dict[str, dict]:
-    """Peak RSS (and peak CUDA memory) of this fresh process after building the one arm and 2 steps."""
+    """Peak memory of each arm built alone and run for 2 steps. CUDA: arms one after another, the
+    allocator's peak above what was allocated before the arm. CPU: this fresh process's peak RSS
+    (freed heap is not given back to the OS, so the launcher starts one process per arm)."""
+    import gc
     import resource
 
     import torch
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    (arm,) = args.arms
-    engine, _ = make_engine(arm, stage, args, cfg, spec, sel, bf16)
-    gen = torch.Generator().manual_seed(1000)
-    batch = torch.randint(3, cfg.vocab_size, (args.batch, args.seq), generator=gen).to(device)
-    step = step_fn(engine, batch)
-    step()
-    step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    cuda = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-    return {arm: {"peak_rss": peak, "runtime_rss": base, "peak_cuda": cuda}}
+    cuda = device.startswith("cuda")
+    if not cuda and len(args.arms) != 1:
+        raise SystemExit("bench_peers: peak RSS needs one arm per process")
+    out = {}
+    for arm in args.arms:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() if cuda else None
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        engine, _ = make_engine(arm, stage, args, cfg, spec, sel, bf16)
+        gen = torch.Generator().manual_seed(1000)
+        step = step_fn(engine, torch.randint(3, cfg.vocab_size, (args.batch, args.seq), generator=gen).to(device))
+        step()
+        step()
+        if cuda:
+            out[arm] = {"peak_rss": None, "peak_cuda": torch.cuda.max_memory_allocated() - before}
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            out[arm] = {"peak_rss": peak, "rss_before_model": rss_before, "peak_cuda": None}
+        engine.destroy()
+        del engine, step
+    return out
 
 
 def worker(args) -> None:
@@ -262,6 +279,8 @@ def worker(args) -> None:
     from deepspeed.accelerator import get_accelerator
 
     cuda = get_accelerator().device_name() == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
     cfg = model_config(args)
@@ -269,10 +288,12 @@ def worker(args) -> None:
     fn = time_stage if args.worker == "time" else peak_memory
     results = {str(stage): fn(stage, args, cfg, spec, sel, cuda, device) for stage in args.stages}
     if args.worker == "memory":  # every rank's peak; the launch reports the largest
-        mine = torch.tensor([[v["peak_rss"], v["peak_cuda"] or 0] for s in results.values() for v in s.values()])
+        keys = [(s, a) for s, v in results.items() for a in v]
+        mine = torch.tensor([[results[s][a]["peak_rss"] or 0, results[s][a]["peak_cuda"] or 0] for s, a in keys])
+        mine = mine.to(device)  # nccl reduces CUDA tensors only
         dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-        for (s, arm), (rss, cu) in zip([(s, a) for s, v in results.items() for a in v], mine.tolist()):
-            results[s][arm].update(peak_rss=int(rss), peak_cuda=int(cu) if cuda else None)
+        for (s, arm), (rss, cu) in zip(keys, mine.tolist()):
+            results[s][arm].update(peak_rss=None if cuda else int(rss), peak_cuda=int(cu) if cuda else None)
     if dist.get_rank() == 0:
         meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": "bf16" if cuda else "fp32"}
         meta.update(world=dist.get_world_size(), heads=len(sel), total_heads=spec.total_heads)
@@ -372,11 +393,12 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args)
     res = launch(args, "time", args.stages, args.arms)
-    if not args.no_memory:
-        for stage in args.stages:
-            for arm in args.arms:
-                mem = launch(args, "memory", [stage], [arm])["stages"][str(stage)][arm]
-                res["stages"][str(stage)][arm].update(mem)
+    if not args.no_memory:  # CUDA: one launch (the allocator's peak resets per arm); CPU: one per arm
+        jobs = [(args.stages, args.arms)] if args.cuda else [([s], [a]) for s in args.stages for a in args.arms]
+        for stages, arms in jobs:
+            for stage, per_arm in launch(args, "memory", stages, arms)["stages"].items():
+                for arm, mem in per_arm.items():
+                    res["stages"][stage][arm].update(mem)
     res["command"] = " ".join(["python", "benchmarks/bench_peers.py", *(sys.argv[1:] if argv is None else argv)])
     report(args, res)
     if args.json:

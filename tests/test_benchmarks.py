@@ -57,3 +57,9 @@ def test_bench_peers_quick_reads_the_engines_optimizer_state(tmp_path):
     ratio = max(arms["alps-heads"]["opt_bytes_per_rank"]) / max(arms["grad-mask"]["opt_bytes_per_rank"])
     assert ratio <= 0.2, ratio
     assert "alps-heads / grad-mask optimizer bytes" in proc.stdout
+
+
+def test_gpu_check_script_parses():
+    """The GPU check cannot run here (no GPU); its shell must at least parse (bash -n)."""
+    proc = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -13,7 +13,8 @@ Arms (all through ``deepspeed.initialize`` on the same ranks, torch AdamW, weigh
 Per arm and ZeRO stage: median step time (every arm's steps interleaved in ONE 2-rank launch,
 so load from other processes hits all arms alike), tokens/s, optimizer-state bytes per rank
 (read from the engine's optimizer: fp32 master partitions + Adam moments), trainable elements;
-and peak RSS (peak CUDA memory on GPU) of a fresh launch that builds that arm alone.
+and peak memory of the arm built alone: on CPU the peak RSS of a fresh launch per arm, on CUDA
+the allocator's peak above what was allocated before the arm (arms in turn in one launch).
 fp32 on CPU (gloo), bf16 on CUDA (nccl). The script launches its own ranks (torchrun).
 
 usage: python benchmarks/bench_peers.py [--quick] [--arms full,alps-heads] [--stages 2 3] [--json OUT]

@@ -35,7 +35,7 @@ class DemoConfig:
     # steps (global batch = micro_batch * ranks)
     pretrain_steps: int = 500
     task_steps: int = 100
-    arm_steps: int = 120
+    arm_steps: int = 80
     batch: int = 64  # global batch per optimizer step, split over the ranks
     pretrain_lr: float = 3e-3
     task_lr: float = 1e-3

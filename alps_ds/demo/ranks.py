@@ -257,7 +257,12 @@ class Demo:
         data = self.dataset("pretrain", tasks, cfg.pretrain_examples, stream_seed(cfg.seed, _PRETRAIN), weights)
         log(f"[1/4] pre-training the base on {', '.join(TASKS)} ({cfg.target} rare), {cfg.pretrain_steps} steps")
         summary, run = self.train(
-            "pretrain", init, data, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, selection={"method": "all"},
+            "pretrain",
+            init,
+            data,
+            steps=cfg.pretrain_steps,
+            lr=cfg.pretrain_lr,
+            selection={"method": "all"},
             others=["all"],
         )
         base = run / "merged"
@@ -274,7 +279,9 @@ class Demo:
             "task-model", base, data, steps=cfg.task_steps, lr=cfg.task_lr, selection={"method": "all"}, others=["all"]
         )
         scored = self.score(run / "merged")
-        log(f"      task model on held-out {cfg.target!r}: loss {scored['loss']:.4f}, accuracy {scored['accuracy']:.3f}")
+        log(
+            f"      task model on held-out {cfg.target!r}: loss {scored['loss']:.4f}, accuracy {scored['accuracy']:.3f}"
+        )
         self.scalars(run, {"heldout/loss": scored["loss"], "heldout/accuracy": scored["accuracy"]}, cfg.task_steps)
         return run / "merged", {"summary": summary and asdict(summary), "eval": scored}
 
@@ -307,7 +314,11 @@ class Demo:
         selection = {
             "alps": {"heads": str(heads_json)},
             "random": {"method": "random", "ratio": cfg.ratio, "seed": stream_seed(seed, _HEADS, 0)},
-            "layer-consistent": {"method": "layer-consistent", "ratio": cfg.ratio, "seed": stream_seed(seed, _HEADS, 1)},
+            "layer-consistent": {
+                "method": "layer-consistent",
+                "ratio": cfg.ratio,
+                "seed": stream_seed(seed, _HEADS, 1),
+            },
             "all": {"method": "all"},
             "none": {"method": "none"},
         }[arm]
@@ -316,8 +327,9 @@ class Demo:
             # No heads and nothing else trainable: there is nothing to optimize, the arm is the base itself.
             summary, run, model_dir, heads = None, self.runs / name, base, []
         else:
-            summary, run = self.train(name, base, data, steps=cfg.arm_steps, lr=cfg.arm_lr, selection=selection,
-                                      others=others)
+            summary, run = self.train(
+                name, base, data, steps=cfg.arm_steps, lr=cfg.arm_lr, selection=selection, others=others
+            )
             model_dir = run / "merged"
             heads = json.loads((run / "heads.json").read_text())["heads"]
         return self.entry(setting, arm, seed, held, summary, run, model_dir, heads)
@@ -329,19 +341,25 @@ class Demo:
         cfg = self.cfg
         name = f"lora-seed{seed}"
         rank = lora_rank(cfg)
-        config = self.run_config(name, base, data, steps=cfg.arm_steps, lr=cfg.lora_lr, selection={"method": "none"},
-                                 others=[])
+        config = self.run_config(
+            name, base, data, steps=cfg.arm_steps, lr=cfg.arm_lr, selection={"method": "none"}, others=[]
+        )
         summary = train_lora(config, rank)
         run = self.runs / name
         return self.entry(LORA, LORA, seed, "target", summary, run, run / "merged", [], lora_rank=rank)
 
     def entry(self, setting, arm, seed, held, summary, run, model_dir, heads, **extra) -> dict:
         scored = self.score(model_dir, held)
-        self.scalars(run, {"heldout/loss": scored["loss"], "heldout/accuracy": scored["accuracy"]},
-                     summary.steps if summary else 0)
+        self.scalars(
+            run,
+            {"heldout/loss": scored["loss"], "heldout/accuracy": scored["accuracy"]},
+            summary.steps if summary else 0,
+        )
         kept = np.mean([a for t, a in scored["per_task"].items() if t != self.cfg.target])
-        log(f"      {setting:<10} {arm:<17} seed {seed} ({held}): loss {scored['loss']:.4f}, "
-            f"accuracy {scored['accuracy']:.3f}, other tasks {kept:.3f}")
+        log(
+            f"      {setting:<10} {arm:<17} seed {seed} ({held}): loss {scored['loss']:.4f}, "
+            f"accuracy {scored['accuracy']:.3f}, other tasks {kept:.3f}"
+        )
         if self.rank != 0:
             return {}
         return {

@@ -152,25 +152,26 @@ def _claim(name: str, alps: ArmStats, peers: list[ArmStats], field: str, what: s
 def claims(stats: list[ArmStats]) -> str:
     """One line per claim of the paper, decided from the numbers (see :func:`compare`)."""
     by = {(s.setting, s.arm): s for s in stats}
+
+    def arms(setting: str, names) -> list[ArmStats]:
+        return [by[(setting, a)] for a in names if (setting, a) in by]
+
     lines = []
-    alps = by.get(("paper", "alps"))
-    if alps is not None:
-        peers = [by[("paper", a)] for a in ARMS if a != "alps" and ("paper", a) in by]
-        lines.append(_claim("Claim 1, task score", alps, peers, "accuracy", "held-out target accuracy (paper setting)"))
-        full = [by[("paper", "all")]] if ("paper", "all") in by else []
-        if full:
-            lines.append(
-                _claim("Claim 3, less forgetting", alps, full, "retained", "mean accuracy on the other tasks")
-            )
-    moved = by.get(("transfer", "alps"))
-    if moved is not None and ("transfer", "random") in by:
+    if ("paper", "alps") in by:
+        peers = arms("paper", [a for a in ARMS if a != "alps"])
         lines.append(
-            _claim("Claim 2, transfer", moved, [by[("transfer", "random")]], "accuracy", "accuracy on the shifted dataset")
+            _claim("Claim 1, task score", by[("paper", "alps")], peers, "accuracy", "target accuracy, paper setting")
         )
-    lean = by.get(("heads-only", "alps"))
-    if lean is not None:
-        peers = [by[("heads-only", a)] for a in ("random", "layer-consistent") if ("heads-only", a) in by]
-        if (LORA, LORA) in by:
-            peers.append(by[(LORA, LORA)])
-        lines.append(_claim("Heads only (memory-lean)", lean, peers, "accuracy", "held-out target accuracy"))
+    if ("transfer", "alps") in by:
+        moved = by[("transfer", "alps")]
+        lines.append(_claim("Claim 2, transfer", moved, arms("transfer", ["random"]), "accuracy", "shifted dataset"))
+    if ("paper", "alps") in by and ("paper", "all") in by:
+        lines.append(
+            _claim("Claim 3, less forgetting", by[("paper", "alps")], arms("paper", ["all"]), "retained", "other tasks")
+        )
+    if ("heads-only", "alps") in by:
+        peers = arms("heads-only", ["random", "layer-consistent"]) + arms(LORA, [LORA])
+        lines.append(
+            _claim("Heads only (memory-lean)", by[("heads-only", "alps")], peers, "accuracy", "target accuracy")
+        )
     return "\n".join(lines) if lines else "No ALPS arm ran; no claims."

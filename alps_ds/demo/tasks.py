@@ -110,7 +110,7 @@ def generate(
 
 
 def max_tokens(max_len: int = max(MAX_LEN, TRANSFER.max_len)) -> int:
-    """Longest sequence in tokens (BOS, task word, prompt, SEP, answer, EOS): the lookup or a length-``max_len`` task."""
+    """Longest sequence in tokens (BOS, task word, prompt, SEP, answer, EOS): lookup or a ``max_len`` task."""
     pairs = max_len // 2 + 1
     return max(2 + 2 * pairs + 1 + 2 + 1 + 2 + 1, 2 + max_len + 1 + max_len + 1)
 

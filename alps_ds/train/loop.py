@@ -82,9 +82,13 @@ class Progress:
 
 
 # ---- setup ----------------------------------------------------------------------------------------------------
-def setup(cfg: RunConfig, *, resume: bool) -> Run:
+def setup(cfg: RunConfig, *, resume: bool = False, hook=None) -> Run:
     """Join the process group, check output/data/selection, build the hooked model and the DeepSpeed engine,
-    load the checkpoint when resuming, then (only now) write OUT/run_config.json and open the logs."""
+    load the checkpoint when resuming, then (only now) write OUT/run_config.json and open the logs.
+
+    ``hook`` replaces :func:`alps_ds.apply` with another function of the same signature that makes
+    some parameters trainable (the demo's PEFT LoRA baseline uses it to run through the same engine).
+    """
     start_wall = time.time()
     rank, world = init_distributed()
     quiet_logs(rank)
@@ -106,7 +110,9 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
         check_resume(ckpt_dir, latest, world, zero_stage(ds_config), cfg.train.batch)
     examples, stats, plan, total_steps = _prepare_data(cfg, tokenizer, grad_accum, world, rank)
     selection = resolve_selection(cfg, spec, model_dir, out, rank, resume and latest is not None)
-    engine, scheduler, report, zero_init = _build_engine(cfg, model_dir, spec, selection, ds_config, total_steps)
+    engine, scheduler, report, zero_init = _build_engine(
+        cfg, model_dir, spec, selection, ds_config, total_steps, hook
+    )
     if rank == 0:  # only once every input checked out: a failed start leaves output.dir as it was
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
@@ -167,7 +173,7 @@ def _prepare_data(cfg: RunConfig, tokenizer, grad_accum: int, world: int, rank: 
     return examples, stats, plan, total_steps
 
 
-def _build_engine(cfg: RunConfig, model_dir: Path, spec, selection, ds_config: dict, total_steps: int):
+def _build_engine(cfg: RunConfig, model_dir: Path, spec, selection, ds_config: dict, total_steps: int, hook=None):
     """The base model with the selection hooked in, wrapped by ``deepspeed.initialize`` with AdamW (unless the
     DS config names an optimizer) and the LR schedule. Returns (engine, scheduler, report, zero_init)."""
     import deepspeed
@@ -181,7 +187,7 @@ def _build_engine(cfg: RunConfig, model_dir: Path, spec, selection, ds_config: d
     model = load_model(model_dir, ds_config, zero_stage(ds_config), train_dtype(ds_config))
     zero_init = any(hasattr(p, "ds_id") for p in model.parameters())  # zero.Init took effect
     model.config.use_cache = False
-    apply(model, selection, kv=cfg.kv, train_others=tuple(cfg.train_others), spec=spec)
+    (hook or apply)(model, selection, kv=cfg.kv, train_others=tuple(cfg.train_others), spec=spec)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     report = trainable_report(model)

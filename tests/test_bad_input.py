@@ -107,6 +107,19 @@ FAST = [
         "4 pipeline stages",
         "pick sizes",
     ),
+    C("layout-zero-vpp", "layout --heads {root}/heads.json --model {root}/base --vpp 0", "--vpp 0", "at least 1"),
+    C(
+        "layout-negative-stage-layers",
+        "layout --heads {root}/heads.json --model {root}/base --pp 2 --first-stage-layers -1",
+        "--first-stage-layers -1",
+        ">= 0",
+    ),
+    C(
+        "layout-negative-rebalance-cap",
+        "layout --heads {root}/heads.json --model {root}/base --rebalance -1",
+        "--rebalance -1",
+        "leave it out",
+    ),
     C(
         "layout-not-a-heads-file",
         "layout --heads {root}/base/config.json --model {root}/base",

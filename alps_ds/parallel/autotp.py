@@ -129,6 +129,19 @@ def shard(
     return model
 
 
+def _refuse_unhookable(model: nn.Module, train_others: Iterable[str] | str) -> None:
+    """AutoTP apply needs a model :func:`shard` sharded, not hooked yet, and no ``train_others``."""
+    if not getattr(model, "ds_autotp_parsed", False):
+        raise AlpsError("AutoTP apply: the model is not sharded; call alps_ds.parallel.autotp.shard(model, tp) first")
+    if any(isinstance(m, HeadRows) for m in model.modules()):
+        raise AlpsError("AutoTP apply: this model is already hooked; use a fresh model")
+    if train_others not in ((), "", None) and tuple((train_others,) if isinstance(train_others, str) else train_others):
+        raise AlpsError(
+            "AutoTP apply: train_others is not supported under tensor parallelism (replicated parameters would "
+            "need AutoTP's gradient all-reduce); train heads only, or use tp 1"
+        )
+
+
 def apply(
     model: nn.Module,
     selection: HeadSelection,
@@ -146,15 +159,7 @@ def apply(
     from deepspeed.utils import groups
 
     spec = model_spec(model, spec, "AutoTP apply")
-    if not getattr(model, "ds_autotp_parsed", False):
-        raise AlpsError("AutoTP apply: the model is not sharded; call alps_ds.parallel.autotp.shard(model, tp) first")
-    if any(isinstance(m, HeadRows) for m in model.modules()):
-        raise AlpsError("AutoTP apply: this model is already hooked; use a fresh model")
-    if train_others not in ((), "", None) and tuple((train_others,) if isinstance(train_others, str) else train_others):
-        raise AlpsError(
-            "AutoTP apply: train_others is not supported under tensor parallelism (replicated parameters would "
-            "need AutoTP's gradient all-reduce); train heads only, or use tp 1"
-        )
+    _refuse_unhookable(model, train_others)
     selection.check_model(spec)
     tp_size, rank = groups.get_tensor_model_parallel_world_size(), groups.get_tensor_model_parallel_rank()
     result = _check_every_rank_trains(spec, selection, tp_size, kv)

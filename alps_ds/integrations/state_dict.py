@@ -95,10 +95,7 @@ def split_rows_hook(module, state_dict, prefix, local_metadata, strict, missing_
             state_dict[w_key] = w.index_copy(0, rows, base_rows)
 
 
-def register(module: nn.Module) -> None:
+def register_hooks(module: nn.Module) -> None:
     """Give one hooked projection the merge-on-save and split-on-load hooks."""
-    from alps_ds.integrations import deepspeed
-
     module.register_state_dict_post_hook(merge_rows_hook)
     module.register_load_state_dict_pre_hook(split_rows_hook)
-    deepspeed.install()  # ZeRO-3 consolidation and DeepSpeed checkpoints bypass these hooks

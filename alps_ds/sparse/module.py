@@ -25,7 +25,7 @@ from torch import nn
 
 from alps_ds.errors import AlpsError
 from alps_ds.hooked import HeadRows
-from alps_ds.integrations import state_dict
+from alps_ds.integrations import saving
 from alps_ds.layout import merge_ranges
 
 Ranges = tuple[tuple[int, int], ...]
@@ -173,7 +173,7 @@ class HeadRowsLinear(HeadRows):
         # On the slice's device: index_copy refuses an index on another device, and DeepSpeed does
         # not move a model built under zero.Init (so a CPU buffer would stay behind the GPU weights).
         self.register_buffer("rows", row_index(ranges, head_weight.device), persistent=False)
-        state_dict.register(self)  # save: trained rows merged into weight; load: split back (integrations)
+        saving.register(self)  # save: trained rows merged into weight; load: split back (integrations)
 
     @property
     def num_rows(self) -> int:

@@ -84,11 +84,8 @@ class Progress:
 # ---- setup ----------------------------------------------------------------------------------------------------
 def setup(cfg: RunConfig, *, resume: bool = False, hook=None) -> Run:
     """Join the process group, check output/data/selection, build the hooked model and the DeepSpeed engine,
-    load the checkpoint when resuming, then (only now) write OUT/run_config.json and open the logs.
-
-    ``hook`` replaces :func:`alps_ds.apply` with another function of the same signature that makes
-    some parameters trainable (the demo's PEFT LoRA baseline uses it to run through the same engine).
-    """
+    load the checkpoint when resuming, then (only now) write OUT/run_config.json and open the logs. ``hook``
+    replaces :func:`alps_ds.apply` (same signature; the demo's PEFT LoRA arm uses it to run the same engine)."""
     start_wall = time.time()
     rank, world = init_distributed()
     quiet_logs(rank)
@@ -101,18 +98,15 @@ def setup(cfg: RunConfig, *, resume: bool = False, hook=None) -> Run:
     model_dir = resolve_model_dir(cfg, out, rank)
     spec = AttentionSpec.from_pretrained(model_dir)
     base = base_record(model_dir)  # every rank reads it (cheap), so every rank refuses a changed base alike
-    if latest is not None:
-        check_base(ckpt_dir, latest, base)
     tokenizer = load_tokenizer(cfg, model_dir)
     grad_accum = gradient_accumulation(cfg, world)
     ds_config = deepspeed_config(cfg, grad_accum)
-    if latest is not None:  # another world size or ZeRO stage resumes elastically; a changed batch is refused
+    if latest is not None:  # same base and batch; another world size or ZeRO stage resumes elastically
+        check_base(ckpt_dir, latest, base)
         check_resume(ckpt_dir, latest, world, zero_stage(ds_config), cfg.train.batch)
     examples, stats, plan, total_steps = _prepare_data(cfg, tokenizer, grad_accum, world, rank)
     selection = resolve_selection(cfg, spec, model_dir, out, rank, resume and latest is not None)
-    engine, scheduler, report, zero_init = _build_engine(
-        cfg, model_dir, spec, selection, ds_config, total_steps, hook
-    )
+    engine, scheduler, report, zero_init = _build_engine(cfg, model_dir, spec, selection, ds_config, total_steps, hook)
     if rank == 0:  # only once every input checked out: a failed start leaves output.dir as it was
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")

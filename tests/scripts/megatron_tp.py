@@ -66,6 +66,15 @@ def gather_rows(t: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def merged(qkv):
+    """The layer's weight and bias with trained rows in (a plain layer of an unhooked layer as it is)."""
+    from alps_ds.hooked import HeadRows
+
+    if isinstance(qkv, HeadRows):
+        return qkv.merged_weight()
+    return qkv.weight.detach(), qkv.bias.detach()
+
+
 def run_case(name, tp, pp, n, g, hd, layers, heads, rank):
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -73,6 +82,7 @@ def run_case(name, tp, pp, n, g, hd, layers, heads, rank):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from alps_ds.parallel import megatron as hook
+    from alps_ds.selection import HeadSelection, Provenance
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     from megatron.core.tensor_parallel import random as mrandom
@@ -101,10 +111,9 @@ def run_case(name, tp, pp, n, g, hd, layers, heads, rank):
     qkvs = [layer.self_attention.linear_qkv for layer in block.layers]
     before = [(gather_rows(q.weight.detach(), group), gather_rows(q.bias.detach(), group)) for q in qkvs]
 
-    for p in block.parameters():
-        p.requires_grad_(False)
     spec = hook.spec_from_config(config)
-    hooked = hook.apply(block, spec, heads)
+    selection = HeadSelection(spec.fingerprint, tuple(map(tuple, heads)), Provenance(select="explicit"))
+    report = hook.apply(block, selection, kv="group")
     params = [p for p in block.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     seq, batch = 6, 2
@@ -120,12 +129,14 @@ def run_case(name, tp, pp, n, g, hd, layers, heads, rank):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    after = [tuple(gather_rows(t, group) for t in hook.merged_weight(q)) for q in qkvs]
+    after = [tuple(gather_rows(t, group) for t in merged(layer.self_attention.linear_qkv)) for layer in block.layers]
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     mine = {
         "pp_rank": pp_rank,
         "tp_rank": group.rank(),
-        "rows": {h.layer: [list(r) for r in h.ranges] for h in hooked},
+        "rows": {h.layer: [list(r) for r in h.ranges] for h in report.modules if h.ranges},
+        "kinds": {h.layer: dict(h.kinds) for h in report.modules},
+        "trainable": report.trainable,
         "losses": losses,
         # full (TP-gathered) weights of this stage's layers, keyed by global layer
         "layers": {
@@ -153,7 +164,7 @@ def run_case(name, tp, pp, n, g, hd, layers, heads, rank):
         "hd": hd,
         "heads": heads,
         "losses": {r["pp_rank"]: r["losses"] for r in everyone},
-        "ranks": [{k: r[k] for k in ("pp_rank", "tp_rank", "rows")} for r in everyone],
+        "ranks": [{k: r[k] for k in ("pp_rank", "tp_rank", "rows", "kinds", "trainable")} for r in everyone],
         "layers": [layers_by_global[i] for i in range(layers)],
     }
 

@@ -1,7 +1,9 @@
 """Train a real megatron-core TransformerBlock with the ALPS hook on CPU/gloo, then gather linear_qkv.
 
-Usage (every rank): ``megatron_tp.py OUT.json``. Runs each case of CASES whose TP size fits the
-world size in one process group (re-initializing Megatron's model parallel state between cases);
+Usage (every rank): ``megatron_tp.py OUT.json MODELS_DIR``. First converts each HF model folder in
+MODELS_DIR to megatron-core at TP 2 and 4 (logits and round trip, see ``run_convert``). Then runs
+each case of CASES whose TP size fits the world size
+in one process group (re-initializing Megatron's model parallel state between cases);
 rank 0 writes per case and layer the full gathered ``linear_qkv`` weight and bias before and
 after a few AdamW steps (weight decay 0.1) on one fixed batch, for tests/test_megatron.py to compare.
 """
@@ -16,6 +18,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from alps_ds.megatron.shims import cpu_shims, seed_model_parallel
+
 warnings.filterwarnings("ignore")
 
 # name, tp, pp, heads n, query groups g, head_dim, layers, selected (layer, head)
@@ -26,38 +30,6 @@ CASES = [
     # Each stage trains on its own input (Megatron's pipeline schedule needs CUDA).
     ("tp2_pp2", 2, 2, 4, 2, 8, 4, [(0, 1), (2, 2), (3, 0)]),
 ]
-
-
-def cpu_shims() -> None:
-    """Stand-ins for the CUDA-only calls megatron-core makes on the paths used here."""
-    from megatron.core.tensor_parallel import random as mrandom
-
-    torch.cuda.current_device = lambda: "cpu"
-
-    class CPURNGTracker(mrandom.CudaRNGStatesTracker):
-        """The tracker forks torch's CPU generator instead of a CUDA one."""
-
-        def add(self, name, seed):
-            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
-            self.seeds_.add(seed)
-
-        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
-            import contextlib
-
-            @contextlib.contextmanager
-            def _fork():
-                state = torch.get_rng_state()
-                torch.set_rng_state(self.states_[name])
-                try:
-                    yield
-                finally:
-                    self.states_[name] = torch.get_rng_state()
-                    torch.set_rng_state(state)
-
-            return _fork()
-
-    mrandom._CUDA_RNG_STATE_TRACKER = CPURNGTracker()
-    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
 def gather_rows(t: torch.Tensor, group) -> torch.Tensor:
@@ -169,11 +141,60 @@ def run_case(name, tp, pp, n, g, hd, layers, heads, rank):
     }
 
 
+def run_convert(models_dir: str, rank: int) -> dict:
+    """Each HF model in ``models_dir`` converted to a GPTModel at TP 2 and 4: logits vs the HF model's,
+    and the HF tensors gathered back from the shards vs the checkpoint's (exact)."""
+    from pathlib import Path
+
+    from megatron.core import parallel_state
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from alps_ds.arch import AttentionSpec, read_config
+    from alps_ds.megatron.convert import build_gpt, gather_hf, load_hf
+
+    out = {}
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    for folder in sorted(Path(models_dir).iterdir()):
+        hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            want = hf(input_ids=ids).logits
+        cfg, _ = read_config(folder)
+        spec = AttentionSpec.from_config(cfg)
+        base = load_file(str(folder / "model.safetensors"))
+        for tp in [t for t in (2, 4) if t <= dist.get_world_size()]:
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+            seed_model_parallel(0)
+            model = build_gpt(cfg, spec, tp=tp, dtype=torch.float32).eval()
+            load_hf(model, folder, spec, tied=False)
+            mask = torch.triu(torch.ones(1, 1, 12, 12, dtype=torch.bool), diagonal=1)
+            with torch.no_grad():
+                local = model(ids, torch.arange(12).expand(2, 12), mask)
+            logits = gather_rows(local.transpose(0, 2).contiguous(), parallel_state.get_tensor_model_parallel_group())
+            back = gather_hf(model, spec, tied=False)
+            # negative control: layer 0's q/k/v in [Q; K; V] order instead of the grouped layout
+            group = parallel_state.get_tensor_model_parallel_group()
+            qkv = model.decoder.layers[0].self_attention.linear_qkv
+            names = [f"model.layers.0.self_attn.{m}_proj.weight" for m in "qkv"]
+            with torch.no_grad():
+                qkv.weight.copy_(torch.cat([base[n] for n in names]).chunk(tp)[group.rank()])
+                bad = gather_rows(model(ids, torch.arange(12).expand(2, 12), mask).transpose(0, 2).contiguous(), group)
+            out[f"{folder.name}_tp{tp}"] = {
+                "max_abs_diff": float((logits.transpose(0, 2) - want).abs().max()),
+                "logit_scale": float(want.abs().max()),
+                "thirds_layout_diff": float((bad.transpose(0, 2) - want).abs().max()),
+                "roundtrip_keys_equal": sorted(back) == sorted(base),
+                "roundtrip_exact": all(torch.equal(back[k], base[k]) for k in base),
+            }
+            parallel_state.destroy_model_parallel()
+    return out
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     cpu_shims()
     rank, world = dist.get_rank(), dist.get_world_size()
-    results = {}
+    results = {"convert": run_convert(sys.argv[2], rank)}
     for name, tp, pp, n, g, hd, layers, heads in CASES:
         if tp * pp <= world:
             results[name] = run_case(name, tp, pp, n, g, hd, layers, heads, rank)

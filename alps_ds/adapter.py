@@ -136,8 +136,6 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
     the real values; rank 0 writes (atomically: a crash leaves any previous adapter intact).
     ``selection`` defaults to the one :func:`alps_ds.apply` used.
     """
-    from safetensors.torch import save_file
-
     model = unwrap(model)
     state = hook_state(model)
     hooked = list(hooked_modules(model))
@@ -160,21 +158,30 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
         entries.append(AdapterModule(name, mod.ranges, mod.kinds, mod.in_features, mod.head_bias is not None))
     out = Path(out_dir)
     if _rank() == 0:
-        dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
-            "kv": state[1],
-            "dtype": "/".join(sorted(dtypes)),
-            "selection": selection.to_dict(),
-            "modules": [e.to_dict() for e in entries],
-        }
-        with atomic_dir(out) as tmp:
-            save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
-            (tmp / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+        write_adapter(out, selection, state[1], entries, tensors)
     if _distributed():
         torch.distributed.barrier()
     return out
+
+
+def write_adapter(
+    out: Path, selection: HeadSelection, kv: str, entries: list[AdapterModule], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Write an adapter folder (atomically) from its modules and row tensors (one process)."""
+    from safetensors.torch import save_file
+
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kv": kv,
+        "dtype": "/".join(sorted(dtypes)),
+        "selection": selection.to_dict(),
+        "modules": [e.to_dict() for e in entries],
+    }
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
+        (tmp / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:

@@ -8,6 +8,7 @@ points both at the CPU; with CUDA it does nothing.
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 
@@ -19,6 +20,7 @@ def cpu_shims() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda device=None: None  # dist_checkpointing's save waits for the GPU
 
     class CPURNGTracker(mrandom.CudaRNGStatesTracker):
         """The tracker forks torch's CPU generator instead of a CUDA one."""
@@ -42,6 +44,46 @@ def cpu_shims() -> None:
 
     mrandom._CUDA_RNG_STATE_TRACKER = CPURNGTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _cpu_optimizer_tensors()
+
+
+class _CPUTorch(types.ModuleType):
+    """``torch`` for one megatron-core module, its ``device='cuda'`` scalars made on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _make(fn):
+        def make(*args, device=None, **kwargs):
+            return fn(*args, device="cpu" if device in ("cuda", torch.device("cuda")) else device, **kwargs)
+
+        return make
+
+
+def _cpu_optimizer_tensors() -> None:
+    """FP32Optimizer's loss scale (optimizer/optimizer.py), gradient clipping's norm buffers
+    (optimizer/clip_grads.py) and the local multi-tensor L2 norm (utils.py) are
+    ``torch.tensor(..., device='cuda')`` literals: give those modules a CPU ``torch``."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    proxy = _CPUTorch("torch")
+    for name in ("tensor", "zeros"):
+        setattr(proxy, name, _CPUTorch._make(getattr(torch, name)))
+    optimizer.torch = clip_grads.torch = utils.torch = proxy
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_by_total_norm  # it asserts grad.type() is CUDA's
+
+
+@torch.no_grad()
+def _clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's rule (scale every gradient by max_norm / (total_norm + 1e-6) when below 1), on CPU."""
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0:
+        for p in parameters:
+            grad = getattr(p, "decoupled_grad", None) if use_decoupled_grad else p.grad
+            if grad is not None:
+                grad.mul_(coeff)
 
 
 def seed_model_parallel(seed: int) -> None:

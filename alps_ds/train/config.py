@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from alps_ds.errors import AlpsError
+from alps_ds.train.engines import Engine
 
 SelectMethod = Literal["top-k", "random", "layer-consistent", "all", "none"]
 DataFormat = Literal["auto", "alpaca", "messages", "prompt-completion"]
@@ -88,6 +89,12 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size (engine megatron); data parallel over the remaining ranks
+    pp: int = 1  # pipeline stages (no engine runs a pipeline schedule yet)
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/alps"
     checkpoint_every: int = 500  # optimizer steps; 0: only at the end
@@ -113,6 +120,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: str | dict[str, Any] | None = None  # JSON path or inline dict; None: ZeRO-2, fp32
+    engine: Engine = "deepspeed"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = field(default="config", metadata={"internal": True})  # file name used in error messages
@@ -400,6 +409,11 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.output.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0 (0: only at the end)")
     need(cfg.output.keep_checkpoints >= 1, "output.keep_checkpoints", "must be at least 1")
     need(cfg.logging.every >= 1, "logging.every", "must be at least 1")
+    need(cfg.parallel.tp >= 1 and cfg.parallel.pp >= 1, "parallel", "tp and pp must be at least 1")
+    if cfg.engine == "megatron":
+        from alps_ds.megatron.engine import validate_megatron
+
+        validate_megatron(cfg, need)
 
 
 def gradient_accumulation(cfg: RunConfig, world_size: int) -> int:

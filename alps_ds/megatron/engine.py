@@ -1,0 +1,334 @@
+"""``engine: megatron``: the ``alps-ds train`` job on megatron-core (GPTModel, its DDP, optimizer and checkpoints).
+
+Same config keys, selection, data pipeline, logs and outputs as the DeepSpeed engine
+(:mod:`alps_ds.train.loop`); what differs: the HF checkpoint is converted to a tensor-parallel
+``GPTModel`` (:mod:`.convert`), ``linear_qkv`` is hooked by :mod:`alps_ds.parallel.megatron`,
+gradients live in Megatron DDP's contiguous buffers and ``get_megatron_optimizer`` steps only the
+slices; checkpoints are ``dist_checkpointing`` ones that reshard to another TP size
+(:mod:`.checkpoint`); the export gathers the trained Q/K/V back into HF names (:mod:`.export`).
+Each TP group sees the same batches; data parallel runs over the remaining ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alps_ds.errors import AlpsError
+from alps_ds.fsutil import atomic_write_text
+from alps_ds.train.config import RunConfig, gradient_accumulation
+from alps_ds.train.data import IGNORE, StepPlan, collate, tokenize_all
+
+
+def validate_megatron(cfg: RunConfig, need) -> None:
+    """Config checks of engine megatron (``need(cond, key, message)`` raises naming the key)."""
+    need(
+        cfg.parallel.pp == 1,
+        "parallel.pp",
+        "engine megatron runs no pipeline schedule (megatron-core's needs CUDA); set parallel.pp to 1",
+    )
+    need(
+        not cfg.train_others,
+        "train_others",
+        "engine megatron trains the Q/K/V slices only (its checkpoints hold only them); leave it empty",
+    )
+    need(
+        not cfg.train.gradient_checkpointing,
+        "train.gradient_checkpointing",
+        "not supported by engine megatron yet; set it to false",
+    )
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Trainable and total elements of the whole model (all TP ranks), for logs and TensorBoard."""
+
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+
+def causal_mask(seq: int) -> torch.Tensor:
+    """megatron-core's explicit attention mask: True where a query may NOT attend (future keys)."""
+    return torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross entropy over labelled tokens, as a HF causal LM computes it.
+
+    HF shifts labels inside the model; megatron-core takes the next token at each position. Right
+    padding needs no key mask: causal attention never lets a real token see the pad after it.
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    b, s = ids.shape
+    target = torch.full_like(labels, IGNORE)
+    target[:, :-1] = labels[:, 1:]
+    keep = target != IGNORE
+    per_token = model(ids, torch.arange(s).expand(b, s), causal_mask(s), labels=target.clamp(min=0))
+    return (per_token * keep).sum() / keep.sum()
+
+
+def setup_parallel(cfg: RunConfig, world: int) -> tuple[int, int, int]:
+    """Initialize Megatron's model-parallel state; returns (tp, dp size, dp rank)."""
+    from megatron.core import parallel_state
+
+    from alps_ds.megatron.shims import cpu_shims, seed_model_parallel
+
+    tp = cfg.parallel.tp
+    if world % tp:
+        raise AlpsError(f"parallel.tp: {tp} does not divide the {world} ranks; use a TP size dividing the world size")
+    cpu_shims()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    seed_model_parallel(cfg.train.seed)
+    return tp, world // tp, parallel_state.get_data_parallel_rank()
+
+
+def build(cfg: RunConfig, model_dir: Path, hf_cfg: dict, spec, selection, tp: int):
+    """The converted GPTModel, hooked, in Megatron DDP, with its optimizer over the slices only."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from alps_ds.megatron.convert import build_gpt, load_hf
+    from alps_ds.parallel.megatron import apply
+
+    model = build_gpt(hf_cfg, spec, tp=tp, dtype=torch.float32)
+    load_hf(model, model_dir, spec, tied=bool(hf_cfg.get("tie_word_embeddings", False)))
+    report = apply(model, selection, kv=cfg.kv, train_others=tuple(cfg.train_others), spec=spec)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise AlpsError("selection/train_others: nothing to train (no head selected and train_others empty)")
+    # The distributed optimizer needs CUDA (see docs/parallel.md); grads reduce in fp32 buffers.
+    ddp = DistributedDataParallel(
+        model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False), model
+    )
+    t = cfg.train
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.lr * t.min_lr_ratio,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.betas[0],
+        adam_beta2=t.betas[1],
+        adam_eps=t.eps,
+        clip_grad=t.grad_clip,
+        params_dtype=torch.float32,
+    )
+    # config_overrides={}: weight decay on every trained tensor, as the DeepSpeed engine's AdamW
+    # (megatron-core's default skips biases and 1-D tensors).
+    optimizer = get_megatron_optimizer(opt_config, [ddp], config_overrides={})
+    return model, ddp, optimizer, report
+
+
+def count(model, report, model_dir: Path) -> Counts:
+    """Trainable elements over all TP ranks (slices differ per rank, train_others are replicated) and
+    the HF checkpoint's size."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from safetensors import safe_open
+
+    slices = torch.tensor([report.trainable - report.per_kind["others"]], dtype=torch.float64)
+    dist.all_reduce(slices, group=parallel_state.get_tensor_model_parallel_group())
+    total = 0
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            total += sum(int(np.prod(h.get_slice(k).get_shape())) for k in h.keys())  # noqa: SIM118
+    return Counts(int(slices.item()) + report.per_kind["others"], total)
+
+
+def optimizer_bytes(ddp, optimizer) -> dict[str, int]:
+    """Bytes this rank holds for training: fp32 params the optimizer steps, Adam state, DDP grad buffers."""
+    inners = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    params = sum(p.numel() * p.element_size() for o in inners for g in o.param_groups for p in g["params"])
+    state = sum(
+        t.numel() * t.element_size()
+        for o in inners
+        for s in o.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    )
+    grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers)
+    return {"param_bytes": params, "state_bytes": state, "grad_buffer_bytes": grads, "total_bytes": params + state}
+
+
+def train_step(ddp, optimizer, micro, examples, pad_id: int, grad_accum: int, lr: float):
+    """One optimizer step over this rank's micro-batches: (summed micro losses, tokens, grad norm)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss_sum, tokens = 0.0, 0
+    for indices in micro:
+        batch = collate([examples[i] for i in indices], pad_id)
+        tokens += int(batch["attention_mask"].sum())
+        loss = lm_loss(ddp, batch)
+        (loss / grad_accum).backward()  # DDP averages over data-parallel ranks
+        loss_sum += float(loss.detach())
+    ddp.finish_grad_sync()
+    ok, grad_norm, _ = optimizer.step()
+    if not ok:  # fp32 has no loss scaler: a failed step means non-finite gradients
+        raise AlpsError("engine megatron: the optimizer step failed (non-finite gradients); lower train.lr")
+    return loss_sum, tokens, grad_norm
+
+
+def train(cfg: RunConfig, *, resume: bool = False):
+    """Run the whole job on megatron-core; returns the summary on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from tqdm.auto import tqdm
+
+    from alps_ds.arch import AttentionSpec, read_config
+    from alps_ds.megatron import checkpoint
+    from alps_ds.megatron.convert import check_config
+    from alps_ds.megatron.export import export
+    from alps_ds.train.distributed import barrier, init_distributed, quiet_logs
+    from alps_ds.train.engine_config import lr_lambda
+    from alps_ds.train.heads import resolve_selection
+    from alps_ds.train.model import load_tokenizer, resolve_model_dir
+    from alps_ds.train.report import Summary, TrainLog, open_tensorboard
+
+    start_wall = time.time()
+    rank, world = init_distributed()
+    quiet_logs(rank)
+    out = Path(cfg.output.dir)
+    ckpt_dir = out / "checkpoints"
+    latest = checkpoint.read_latest(ckpt_dir)
+    if not resume and latest is not None:
+        raise AlpsError(f"output.dir: {out} already holds checkpoints; pass --resume or choose another output.dir")
+    if resume and latest is None and rank == 0:
+        print(f"alps-ds train: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
+    tp, dp, dp_rank = setup_parallel(cfg, world)
+    model_dir = resolve_model_dir(cfg, out, rank)
+    hf_cfg, source = read_config(model_dir)
+    check_config(hf_cfg, source)
+    spec = AttentionSpec.from_config(hf_cfg, source=source)
+    tokenizer = load_tokenizer(cfg, model_dir)
+    grad_accum = gradient_accumulation(cfg, dp)
+    examples, stats = tokenize_all(cfg.data, tokenizer, progress=rank == 0 and cfg.logging.progress)
+    plan = StepPlan(len(examples), cfg.train.micro_batch, grad_accum, dp, cfg.train.seed, cfg.data.shuffle)
+    if plan.steps_per_epoch == 0:
+        raise AlpsError(
+            f"data.datasets: {len(examples)} examples are fewer than one effective batch (train.batch = "
+            f"{cfg.train.batch}); add data or lower train.batch"
+        )
+    total_steps = cfg.train.max_steps or max(1, round(cfg.train.epochs * plan.steps_per_epoch))
+    selection = resolve_selection(cfg, spec, model_dir, out, rank, resume and latest is not None)
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    model, ddp, optimizer, report = build(cfg, model_dir, hf_cfg, spec, selection, tp)
+    counts = count(model, report, model_dir)
+    if rank == 0:  # only once every input checked out: a failed start leaves output.dir as it was
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+    start_step = 0
+    if latest is not None:
+        start_step = checkpoint.load(model, optimizer, ckpt_dir, latest, rank, cfg.output.keep_checkpoints)
+    barrier()
+
+    writer = log = None
+    if rank == 0:
+        log = TrainLog(out / "train_log.jsonl", keep_until=start_step if latest is not None else None)
+        print(
+            f"alps-ds train: engine megatron, {world} rank(s) (tp {tp} x dp {dp}), float32, {len(selection)} heads, "
+            f"{counts.trainable:,} trainable of {counts.total:,} elements, {stats.examples} examples from "
+            f"{stats.rows} rows ({stats.dropped} dropped, {stats.truncated} truncated), {total_steps} steps "
+            f"(grad accum {grad_accum})",
+            flush=True,
+        )
+        if cfg.deepspeed is not None:
+            print("alps-ds train: engine megatron does not read the deepspeed key (it trains in float32)", flush=True)
+        if cfg.logging.tensorboard:
+            writer = open_tensorboard(out / "tensorboard", cfg, selection, counts, start_step)
+
+    t = cfg.train
+    schedule = lr_lambda(cfg, total_steps)
+    bar = tqdm(
+        total=total_steps, initial=start_step, desc="train", unit="step", disable=rank != 0 or not cfg.logging.progress
+    )
+    last_loss = first_loss = None
+    tokens_seen = 0
+    step = start_step
+    stop_at = total_steps if t.stop_after is None else min(total_steps, start_step + t.stop_after)
+    ddp.train()
+    dp_group = parallel_state.get_data_parallel_group()
+    for step, micro in plan.iterate(start_step, dp_rank):
+        if step >= stop_at:
+            break
+        tic = time.perf_counter()
+        lr = t.lr * schedule(step)
+        loss_sum, tokens, grad_norm = train_step(
+            ddp, optimizer, micro, examples, tokenizer.pad_token_id, grad_accum, lr
+        )
+        done = step + 1
+        totals = torch.tensor([loss_sum / grad_accum, float(tokens)], dtype=torch.float64)
+        dist.all_reduce(totals, group=dp_group)  # TP ranks of a group ran the same batch: count it once
+        last_loss = float(totals[0]) / dp
+        first_loss = last_loss if first_loss is None else first_loss
+        tokens_seen += int(totals[1])
+        elapsed = time.perf_counter() - tic
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        if rank == 0:
+            log.write({"step": done, "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(totals[1])})
+            if writer is not None and done % cfg.logging.every == 0:
+                writer.add_scalar("train/loss", last_loss, done)
+                writer.add_scalar("train/lr", lr, done)
+                if grad_norm is not None:
+                    writer.add_scalar("train/grad_norm", grad_norm, done)
+                writer.add_scalar("train/tokens_per_s", totals[1].item() / max(elapsed, 1e-9), done)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+        every = cfg.output.checkpoint_every
+        if every and done % every == 0 and done < stop_at:
+            checkpoint.save(model, optimizer, ckpt_dir, done, rank, world, tp, cfg.output.keep_checkpoints)
+    final_step = min(step, stop_at)
+    bar.close()
+    if final_step > start_step or latest is None:
+        checkpoint.save(model, optimizer, ckpt_dir, final_step, rank, world, tp, cfg.output.keep_checkpoints)
+
+    finished = final_step >= total_steps
+    per_rank: list = [None] * world
+    dist.all_gather_object(per_rank, optimizer_bytes(ddp, optimizer))
+    merged_dir = adapter_dir = None
+    if finished:
+        merged_dir, adapter_dir = export(cfg, model, spec, hf_cfg, selection, model_dir, out, rank)
+    summary = None
+    if rank == 0:
+        if writer is not None:
+            writer.close()
+        log.close()
+        summary = Summary(
+            steps=final_step,
+            total_steps=total_steps,
+            resumed_from=start_step if latest is not None else None,
+            final_loss=last_loss,
+            first_loss=first_loss,
+            trainable_elements=counts.trainable,
+            total_elements=counts.total,
+            heads_selected=len(selection),
+            optimizer_bytes_per_rank=per_rank,
+            world_size=world,
+            grad_accum=grad_accum,
+            zero_stage=0,
+            zero_init=False,
+            dtype="float32",
+            examples=len(examples),
+            tokens_seen=tokens_seen,
+            wall_seconds=round(time.time() - start_wall, 3),
+            merged=None if merged_dir is None else str(merged_dir),
+            adapter=None if adapter_dir is None else str(adapter_dir),
+        )
+        record = {**asdict(summary), "engine": "megatron", "tp": tp}
+        name = "summary.json" if finished else "summary.partial.json"
+        atomic_write_text(out / name, json.dumps(record, indent=1) + "\n")
+        print(f"alps-ds train: {'done' if finished else 'stopped'} at step {final_step}, loss {last_loss}", flush=True)
+    barrier()
+    parallel_state.destroy_model_parallel()
+    return summary

@@ -81,7 +81,7 @@ def setup_parallel(cfg: RunConfig, world: int) -> tuple[int, int, int]:
     """Initialize Megatron's model-parallel state; returns (tp, dp size, dp rank)."""
     from megatron.core import parallel_state
 
-    from alps_ds.megatron.shims import cpu_shims, seed_model_parallel
+    from alps_ds.mcore.shims import cpu_shims, seed_model_parallel
 
     tp = cfg.parallel.tp
     if world % tp:
@@ -97,7 +97,7 @@ def build(cfg: RunConfig, model_dir: Path, hf_cfg: dict, spec, selection, tp: in
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from alps_ds.megatron.convert import build_gpt, load_hf
+    from alps_ds.mcore.convert import build_gpt, load_hf
     from alps_ds.parallel.megatron import apply
 
     model = build_gpt(hf_cfg, spec, tp=tp, dtype=torch.float32)
@@ -178,32 +178,45 @@ def train_step(ddp, optimizer, micro, examples, pad_id: int, grad_accum: int, lr
     return loss_sum, tokens, grad_norm
 
 
-def train(cfg: RunConfig, *, resume: bool = False):
-    """Run the whole job on megatron-core; returns the summary on rank 0 (None elsewhere)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from tqdm.auto import tqdm
+@dataclass
+class Job:
+    """Everything one engine-megatron run holds between setup, the step loop and the export."""
 
+    cfg: RunConfig
+    rank: int
+    world: int
+    tp: int
+    dp: int
+    dp_rank: int
+    out: Path
+    model_dir: Path
+    hf_cfg: dict
+    spec: object
+    tokenizer: object
+    examples: list
+    stats: object
+    plan: StepPlan
+    grad_accum: int
+    total_steps: int
+    selection: object
+    model: object = None
+    ddp: object = None
+    optimizer: object = None
+    counts: Counts | None = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def setup(cfg: RunConfig, rank: int, world: int, latest) -> Job:
+    """Parallel state, base model folder, data, selection; then the hooked model, DDP and optimizer."""
     from alps_ds.arch import AttentionSpec, read_config
-    from alps_ds.megatron import checkpoint
-    from alps_ds.megatron.convert import check_config
-    from alps_ds.megatron.export import export
-    from alps_ds.train.distributed import barrier, init_distributed, quiet_logs
-    from alps_ds.train.engine_config import lr_lambda
+    from alps_ds.mcore.convert import check_config
     from alps_ds.train.heads import resolve_selection
     from alps_ds.train.model import load_tokenizer, resolve_model_dir
-    from alps_ds.train.report import Summary, TrainLog, open_tensorboard
 
-    start_wall = time.time()
-    rank, world = init_distributed()
-    quiet_logs(rank)
     out = Path(cfg.output.dir)
-    ckpt_dir = out / "checkpoints"
-    latest = checkpoint.read_latest(ckpt_dir)
-    if not resume and latest is not None:
-        raise AlpsError(f"output.dir: {out} already holds checkpoints; pass --resume or choose another output.dir")
-    if resume and latest is None and rank == 0:
-        print(f"alps-ds train: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
     tp, dp, dp_rank = setup_parallel(cfg, world)
     model_dir = resolve_model_dir(cfg, out, rank)
     hf_cfg, source = read_config(model_dir)
@@ -219,86 +232,131 @@ def train(cfg: RunConfig, *, resume: bool = False):
             f"{cfg.train.batch}); add data or lower train.batch"
         )
     total_steps = cfg.train.max_steps or max(1, round(cfg.train.epochs * plan.steps_per_epoch))
-    selection = resolve_selection(cfg, spec, model_dir, out, rank, resume and latest is not None)
+    selection = resolve_selection(cfg, spec, model_dir, out, rank, latest is not None)
+    job = Job(cfg, rank, world, tp, dp, dp_rank, out, model_dir, hf_cfg, spec, tokenizer, examples, stats, plan,
+              grad_accum, total_steps, selection)  # fmt: skip
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    model, ddp, optimizer, report = build(cfg, model_dir, hf_cfg, spec, selection, tp)
-    counts = count(model, report, model_dir)
+    job.model, job.ddp, job.optimizer, report = build(cfg, model_dir, hf_cfg, spec, selection, tp)
+    job.counts = count(job.model, report, model_dir)
+    return job
+
+
+def announce(job: Job, start_step: int, resumed: bool):
+    """Rank 0: the start line, the train log and TensorBoard (None, None elsewhere)."""
+    from alps_ds.train.report import TrainLog, open_tensorboard
+
+    if job.rank != 0:
+        return None, None
+    cfg, c, s = job.cfg, job.counts, job.stats
+    log = TrainLog(job.out / "train_log.jsonl", keep_until=start_step if resumed else None)
+    print(
+        f"alps-ds train: engine megatron, {job.world} rank(s) (tp {job.tp} x dp {job.dp}), float32, "
+        f"{len(job.selection)} heads, {c.trainable:,} trainable of {c.total:,} elements, {s.examples} examples "
+        f"from {s.rows} rows ({s.dropped} dropped, {s.truncated} truncated), {job.total_steps} steps "
+        f"(grad accum {job.grad_accum})",
+        flush=True,
+    )
+    if cfg.deepspeed is not None:
+        print("alps-ds train: engine megatron does not read the deepspeed key (it trains in float32)", flush=True)
+    writer = None
+    if cfg.logging.tensorboard:
+        writer = open_tensorboard(job.out / "tensorboard", cfg, job.selection, job.counts, start_step)
+    return log, writer
+
+
+def write_step(job: Job, log, writer, done: int, loss: float, lr: float, grad_norm, tokens: int, elapsed: float):
+    """Rank 0: one train_log line and the TensorBoard scalars of optimizer step ``done``."""
+    log.write({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens})
+    if writer is not None and done % job.cfg.logging.every == 0:
+        writer.add_scalar("train/loss", loss, done)
+        writer.add_scalar("train/lr", lr, done)
+        if grad_norm is not None:
+            writer.add_scalar("train/grad_norm", grad_norm, done)
+        writer.add_scalar("train/tokens_per_s", tokens / max(elapsed, 1e-9), done)
+
+
+def run_steps(job: Job, start_step: int, log, writer) -> tuple[int, float | None, float | None, int]:
+    """The optimizer steps of this invocation: (final step, first loss, last loss, tokens seen)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from tqdm.auto import tqdm
+
+    from alps_ds.mcore import checkpoint
+    from alps_ds.train.engine_config import lr_lambda
+
+    cfg, t = job.cfg, job.cfg.train
+    schedule = lr_lambda(cfg, job.total_steps)
+    show = job.rank == 0 and cfg.logging.progress
+    bar = tqdm(total=job.total_steps, initial=start_step, desc="train", unit="step", disable=not show)
+    first = last = None
+    seen, step = 0, start_step
+    stop_at = job.total_steps if t.stop_after is None else min(job.total_steps, start_step + t.stop_after)
+    job.ddp.train()
+    dp_group = parallel_state.get_data_parallel_group()
+    for step, micro in job.plan.iterate(start_step, job.dp_rank):
+        if step >= stop_at:
+            break
+        tic, lr = time.perf_counter(), t.lr * schedule(step)
+        pad = job.tokenizer.pad_token_id
+        loss_sum, tokens, grad_norm = train_step(job.ddp, job.optimizer, micro, job.examples, pad, job.grad_accum, lr)
+        totals = torch.tensor([loss_sum / job.grad_accum, float(tokens)], dtype=torch.float64)
+        dist.all_reduce(totals, group=dp_group)  # TP ranks of a group ran the same batch: count it once
+        last = float(totals[0]) / job.dp
+        first = last if first is None else first
+        seen += int(totals[1])
+        done = step + 1
+        if job.rank == 0:
+            norm = None if grad_norm is None else float(grad_norm)
+            write_step(job, log, writer, done, last, lr, norm, int(totals[1]), time.perf_counter() - tic)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last:.4f}", lr=f"{lr:.2e}")
+        if cfg.output.checkpoint_every and done % cfg.output.checkpoint_every == 0 and done < stop_at:
+            checkpoint.save(job.model, job.optimizer, job.ckpt_dir, done, job.rank, job.world, job.tp,
+                            cfg.output.keep_checkpoints)  # fmt: skip
+    bar.close()
+    return min(step, stop_at), first, last, seen
+
+
+def train(cfg: RunConfig, *, resume: bool = False):
+    """Run the whole job on megatron-core; returns the summary on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from alps_ds.mcore import checkpoint
+    from alps_ds.mcore.export import export
+    from alps_ds.train.distributed import barrier, init_distributed, quiet_logs
+    from alps_ds.train.report import Summary
+
+    start_wall = time.time()
+    rank, world = init_distributed()
+    quiet_logs(rank)
+    out = Path(cfg.output.dir)
+    latest = checkpoint.read_latest(out / "checkpoints")
+    if not resume and latest is not None:
+        raise AlpsError(f"output.dir: {out} already holds checkpoints; pass --resume or choose another output.dir")
+    if resume and latest is None and rank == 0:
+        print(f"alps-ds train: --resume: no checkpoint in {out / 'checkpoints'}; starting from step 0", flush=True)
+    job = setup(cfg, rank, world, latest)
     if rank == 0:  # only once every input checked out: a failed start leaves output.dir as it was
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
     start_step = 0
     if latest is not None:
-        start_step = checkpoint.load(model, optimizer, ckpt_dir, latest, rank, cfg.output.keep_checkpoints)
+        start_step = checkpoint.load(job.model, job.optimizer, job.ckpt_dir, latest, rank, cfg.output.keep_checkpoints)
     barrier()
-
-    writer = log = None
-    if rank == 0:
-        log = TrainLog(out / "train_log.jsonl", keep_until=start_step if latest is not None else None)
-        print(
-            f"alps-ds train: engine megatron, {world} rank(s) (tp {tp} x dp {dp}), float32, {len(selection)} heads, "
-            f"{counts.trainable:,} trainable of {counts.total:,} elements, {stats.examples} examples from "
-            f"{stats.rows} rows ({stats.dropped} dropped, {stats.truncated} truncated), {total_steps} steps "
-            f"(grad accum {grad_accum})",
-            flush=True,
-        )
-        if cfg.deepspeed is not None:
-            print("alps-ds train: engine megatron does not read the deepspeed key (it trains in float32)", flush=True)
-        if cfg.logging.tensorboard:
-            writer = open_tensorboard(out / "tensorboard", cfg, selection, counts, start_step)
-
-    t = cfg.train
-    schedule = lr_lambda(cfg, total_steps)
-    bar = tqdm(
-        total=total_steps, initial=start_step, desc="train", unit="step", disable=rank != 0 or not cfg.logging.progress
-    )
-    last_loss = first_loss = None
-    tokens_seen = 0
-    step = start_step
-    stop_at = total_steps if t.stop_after is None else min(total_steps, start_step + t.stop_after)
-    ddp.train()
-    dp_group = parallel_state.get_data_parallel_group()
-    for step, micro in plan.iterate(start_step, dp_rank):
-        if step >= stop_at:
-            break
-        tic = time.perf_counter()
-        lr = t.lr * schedule(step)
-        loss_sum, tokens, grad_norm = train_step(
-            ddp, optimizer, micro, examples, tokenizer.pad_token_id, grad_accum, lr
-        )
-        done = step + 1
-        totals = torch.tensor([loss_sum / grad_accum, float(tokens)], dtype=torch.float64)
-        dist.all_reduce(totals, group=dp_group)  # TP ranks of a group ran the same batch: count it once
-        last_loss = float(totals[0]) / dp
-        first_loss = last_loss if first_loss is None else first_loss
-        tokens_seen += int(totals[1])
-        elapsed = time.perf_counter() - tic
-        grad_norm = None if grad_norm is None else float(grad_norm)
-        if rank == 0:
-            log.write({"step": done, "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(totals[1])})
-            if writer is not None and done % cfg.logging.every == 0:
-                writer.add_scalar("train/loss", last_loss, done)
-                writer.add_scalar("train/lr", lr, done)
-                if grad_norm is not None:
-                    writer.add_scalar("train/grad_norm", grad_norm, done)
-                writer.add_scalar("train/tokens_per_s", totals[1].item() / max(elapsed, 1e-9), done)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-        every = cfg.output.checkpoint_every
-        if every and done % every == 0 and done < stop_at:
-            checkpoint.save(model, optimizer, ckpt_dir, done, rank, world, tp, cfg.output.keep_checkpoints)
-    final_step = min(step, stop_at)
-    bar.close()
+    log, writer = announce(job, start_step, latest is not None)
+    final_step, first_loss, last_loss, tokens_seen = run_steps(job, start_step, log, writer)
     if final_step > start_step or latest is None:
-        checkpoint.save(model, optimizer, ckpt_dir, final_step, rank, world, tp, cfg.output.keep_checkpoints)
-
-    finished = final_step >= total_steps
+        checkpoint.save(job.model, job.optimizer, job.ckpt_dir, final_step, rank, world, job.tp,
+                        cfg.output.keep_checkpoints)  # fmt: skip
+    finished = final_step >= job.total_steps
     per_rank: list = [None] * world
-    dist.all_gather_object(per_rank, optimizer_bytes(ddp, optimizer))
+    dist.all_gather_object(per_rank, optimizer_bytes(job.ddp, job.optimizer))
     merged_dir = adapter_dir = None
     if finished:
-        merged_dir, adapter_dir = export(cfg, model, spec, hf_cfg, selection, model_dir, out, rank)
+        merged_dir, adapter_dir = export(cfg, job.model, job.spec, job.hf_cfg, job.selection, job.model_dir, out, rank)
     summary = None
     if rank == 0:
         if writer is not None:
@@ -306,26 +364,26 @@ def train(cfg: RunConfig, *, resume: bool = False):
         log.close()
         summary = Summary(
             steps=final_step,
-            total_steps=total_steps,
+            total_steps=job.total_steps,
             resumed_from=start_step if latest is not None else None,
             final_loss=last_loss,
             first_loss=first_loss,
-            trainable_elements=counts.trainable,
-            total_elements=counts.total,
-            heads_selected=len(selection),
+            trainable_elements=job.counts.trainable,
+            total_elements=job.counts.total,
+            heads_selected=len(job.selection),
             optimizer_bytes_per_rank=per_rank,
             world_size=world,
-            grad_accum=grad_accum,
+            grad_accum=job.grad_accum,
             zero_stage=0,
             zero_init=False,
             dtype="float32",
-            examples=len(examples),
+            examples=len(job.examples),
             tokens_seen=tokens_seen,
             wall_seconds=round(time.time() - start_wall, 3),
             merged=None if merged_dir is None else str(merged_dir),
             adapter=None if adapter_dir is None else str(adapter_dir),
         )
-        record = {**asdict(summary), "engine": "megatron", "tp": tp}
+        record = {**asdict(summary), "engine": "megatron", "tp": job.tp}
         name = "summary.json" if finished else "summary.partial.json"
         atomic_write_text(out / name, json.dumps(record, indent=1) + "\n")
         print(f"alps-ds train: {'done' if finished else 'stopped'} at step {final_step}, loss {last_loss}", flush=True)

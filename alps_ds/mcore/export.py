@@ -1,7 +1,7 @@
 """Export of an engine-megatron run: OUT/merged (a HF model) and OUT/adapter, in HF tensor names.
 
 The trained ``linear_qkv`` of every hooked layer is gathered over TP and split back into HF
-q/k/v (:func:`alps_ds.megatron.convert.gather_hf`); every other tensor of OUT/merged is copied
+q/k/v (:func:`alps_ds.mcore.convert.gather_hf`); every other tensor of OUT/merged is copied
 from the base checkpoint byte for byte (:func:`alps_ds.train.export.write_merged`).
 """
 
@@ -15,7 +15,7 @@ from alps_ds.train.distributed import barrier, on_rank0
 
 def export(cfg: RunConfig, model, spec, hf_cfg: dict, selection, model_dir: Path, out: Path, rank: int):
     """OUT/merged and OUT/adapter; collective (every rank gathers, rank 0 writes)."""
-    from alps_ds.megatron.convert import gather_hf
+    from alps_ds.mcore.convert import gather_hf
     from alps_ds.parallel.megatron import MegatronHeadRows
     from alps_ds.train.export import write_merged
 

@@ -50,6 +50,13 @@ def spec_from_config(config, model_type: str = "llama") -> AttentionSpec:
     )
 
 
+def _tp_group(layer: nn.Module):
+    """The layer's tensor-parallel group (megatron-core's global one when the layer does not keep it)."""
+    from megatron.core import parallel_state
+
+    return getattr(layer, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
+
+
 def _rows_index(ranges, device) -> torch.Tensor:
     return torch.cat([torch.arange(a, b, device=device) for a, b in ranges] + [torch.zeros(0, dtype=torch.long)])
 
@@ -71,7 +78,8 @@ class MegatronHeadRows(HeadRows):
         self.layer = layer
         self.register_buffer("rows", _rows_index(ranges, base.weight.device), persistent=False)
         self.head_weight = nn.Parameter(base.weight.detach().index_select(0, self.rows).clone())
-        bias = base.bias if isinstance(getattr(base, "bias", None), torch.Tensor) else None
+        bias = getattr(base, "bias", None)  # TE keeps an empty tensor when the layer has no bias
+        bias = bias if isinstance(bias, torch.Tensor) and bias.numel() == base.weight.shape[0] else None
         self.head_bias = None if bias is None else nn.Parameter(bias.detach().index_select(0, self.rows).clone())
         for p in (self.head_weight, self.head_bias):
             if p is not None:  # one slice per TP rank: gradient-norm clipping counts it on every rank
@@ -91,7 +99,7 @@ class MegatronHeadRows(HeadRows):
         out, out_bias = self.base(x, *args, **kwargs)
         (y, ln) = out if self._ln_output is not None else (out, x)
         # like the base layer's input: identity forward, all-reduce of its gradient over TP ranks
-        inp = copy_to_tensor_model_parallel_region(ln, group=self.base.tp_group)
+        inp = copy_to_tensor_model_parallel_region(ln, group=_tp_group(self.base))
         w_rows = self.base.weight.detach().index_select(0, self.rows)
         dw = self.head_weight - w_rows.to(self.head_weight.dtype)
         db = None
@@ -148,7 +156,7 @@ class MegatronHeadRows(HeadRows):
         from megatron.core import parallel_state
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-        group = self.base.tp_group
+        group = _tp_group(self.base)
         counts = [None] * group.size()
         dist.all_gather_object(counts, len(self.rows), group=group)
         offset, total = sum(counts[: group.rank()]), sum(counts)
@@ -233,7 +241,8 @@ def apply(
         raise AlpsError("megatron apply: no TransformerLayer with self_attention.linear_qkv in the model")
     spec = spec or spec_from_config(layers[0][1].config)
     selection.check_model(spec)
-    tp, rank = layers[0][2].tp_group.size(), layers[0][2].tp_group.rank()
+    group = _tp_group(layers[0][2])
+    tp, rank = group.size(), group.rank()
     p = plan(spec, selection.heads, tp=tp, layout="megatron", kv=kv)
     expect = p.tensor.shard_sizes(MEGATRON_MODULE)[rank]
     for _, layer_module, qkv in layers:

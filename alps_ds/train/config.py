@@ -411,7 +411,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.logging.every >= 1, "logging.every", "must be at least 1")
     need(cfg.parallel.tp >= 1 and cfg.parallel.pp >= 1, "parallel", "tp and pp must be at least 1")
     if cfg.engine == "megatron":
-        from alps_ds.megatron.engine import validate_megatron
+        from alps_ds.mcore.engine import validate_megatron
 
         validate_megatron(cfg, need)
 

@@ -18,7 +18,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from alps_ds.megatron.shims import cpu_shims, seed_model_parallel
+from alps_ds.mcore.shims import cpu_shims, seed_model_parallel
 
 warnings.filterwarnings("ignore")
 
@@ -151,7 +151,7 @@ def run_convert(models_dir: str, rank: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from alps_ds.arch import AttentionSpec, read_config
-    from alps_ds.megatron.convert import build_gpt, gather_hf, load_hf
+    from alps_ds.mcore.convert import build_gpt, gather_hf, load_hf
 
     out = {}
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))

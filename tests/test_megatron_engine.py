@@ -169,3 +169,18 @@ def test_tp2_checkpoint_resumes_at_tp1(runs):
     m1 = load_file(str(straight / "merged" / "model.safetensors"))
     m2 = load_file(str(resumed / "merged" / "model.safetensors"))
     assert all(torch.allclose(m1[k], m2[k], rtol=0, atol=1e-6) for k in m1)
+
+
+def test_a_deepspeed_checkpoint_is_refused_by_engine_megatron(runs, tmp_path):
+    import subprocess
+
+    from dist import rank_env
+
+    out = tmp_path / "ds"
+    shutil.copytree(runs["qwen2_ds"], out)
+    cmd = [str(Path(torch.__file__).parents[4] / "bin" / "python"), str(MAIN)]
+    proc = subprocess.run(
+        cmd + megatron(out, "qwen2", 1, "--resume"), cwd=REPO, env=rank_env(), capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "was written by engine deepspeed; resume it with --set engine=deepspeed" in proc.stderr

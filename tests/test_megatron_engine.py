@@ -173,12 +173,13 @@ def test_tp2_checkpoint_resumes_at_tp1(runs):
 
 def test_a_deepspeed_checkpoint_is_refused_by_engine_megatron(runs, tmp_path):
     import subprocess
+    import sys
 
     from dist import rank_env
 
     out = tmp_path / "ds"
     shutil.copytree(runs["qwen2_ds"], out)
-    cmd = [str(Path(torch.__file__).parents[4] / "bin" / "python"), str(MAIN)]
+    cmd = [sys.executable, str(MAIN)]
     proc = subprocess.run(
         cmd + megatron(out, "qwen2", 1, "--resume"), cwd=REPO, env=rank_env(), capture_output=True, text=True
     )

@@ -69,6 +69,19 @@ def test_only_selected_rows_change(results, case):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["tp2_g2", "tp4_g1", "tp2_pp2"])
+def test_report_and_merge(results, case):
+    c = results[case]
+    for r in c["ranks"]:
+        assert r["merge_ok"]  # alps_ds.hooked.merge put plain ColumnParallelLinear back with the trained rows
+        rows = sum(b - a for ranges in r["rows"].values() for a, b in ranges)
+        # HookReport: per-kind local rows add up to the rank's rows; elements = rows x (hidden + bias)
+        assert sum(sum(k.values()) for k in r["kinds"].values()) == rows
+        assert r["trainable"] == rows * (c["n"] * c["hd"] + 1)
+
+
+@pytest.mark.slow
 def test_straddling_heads_and_loss(results):
     c = results["tp4_g1"]
     # head 1 of layer 0 has q rows [8, 16) of 48; with 12 rows per rank they straddle ranks 0 and 1

@@ -53,6 +53,7 @@ def run_case(name, tp, pp, n, g, hd, layers, heads, rank):
     from megatron.core.transformer.transformer_block import TransformerBlock
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from alps_ds.hooked import merge
     from alps_ds.parallel import megatron as hook
     from alps_ds.selection import HeadSelection, Provenance
 
@@ -102,6 +103,14 @@ def run_case(name, tp, pp, n, g, hd, layers, heads, rank):
         opt.step()
         losses.append(loss.item())
     after = [tuple(gather_rows(t, group) for t in merged(layer.self_attention.linear_qkv)) for layer in block.layers]
+    merge(block)  # the engine-agnostic merge: plain ColumnParallelLinear layers with the trained rows written in
+    plain = [layer.self_attention.linear_qkv for layer in block.layers]
+    merge_ok = all(
+        type(q).__name__ == "ColumnParallelLinear"
+        and torch.equal(gather_rows(q.weight.detach(), group), a[0])
+        and torch.equal(gather_rows(q.bias.detach(), group), a[1])
+        for q, a in zip(plain, after)
+    )
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     mine = {
         "pp_rank": pp_rank,
@@ -109,6 +118,7 @@ def run_case(name, tp, pp, n, g, hd, layers, heads, rank):
         "rows": {h.layer: [list(r) for r in h.ranges] for h in report.modules if h.ranges},
         "kinds": {h.layer: dict(h.kinds) for h in report.modules},
         "trainable": report.trainable,
+        "merge_ok": merge_ok,
         "losses": losses,
         # full (TP-gathered) weights of this stage's layers, keyed by global layer
         "layers": {
@@ -136,7 +146,9 @@ def run_case(name, tp, pp, n, g, hd, layers, heads, rank):
         "hd": hd,
         "heads": heads,
         "losses": {r["pp_rank"]: r["losses"] for r in everyone},
-        "ranks": [{k: r[k] for k in ("pp_rank", "tp_rank", "rows", "kinds", "trainable")} for r in everyone],
+        "ranks": [
+            {k: r[k] for k in ("pp_rank", "tp_rank", "rows", "kinds", "trainable", "merge_ok")} for r in everyone
+        ],
         "layers": [layers_by_global[i] for i in range(layers)],
     }
 

@@ -60,6 +60,7 @@ def test_shipped_configs_load():
         ("model: tiny:lama", "run.yaml: model.path: no tiny model family 'lama'; use tiny:<family>, one of"),
         ("engine: nemo", "run.yaml: engine: expected one of deepspeed, megatron, got 'nemo'"),
         ("parallel: {tp: 0}", "run.yaml: parallel: tp and pp must be at least 1"),
+        ("parallel: {tp: 2}", "run.yaml: parallel: engine deepspeed runs data parallel + ZeRO only"),
         ("engine: megatron\nparallel: {pp: 2}", "run.yaml: parallel.pp: engine megatron runs no pipeline schedule"),
         ("engine: megatron\ntrain_others: [mlp]", "run.yaml: train_others: engine megatron trains the Q/K/V slices"),
     ],

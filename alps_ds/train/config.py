@@ -414,6 +414,12 @@ def validate(cfg: RunConfig) -> None:
         from alps_ds.mcore.engine import validate_megatron
 
         validate_megatron(cfg, need)
+    else:
+        need(
+            cfg.parallel.tp == 1 and cfg.parallel.pp == 1,
+            "parallel",
+            "engine deepspeed runs data parallel + ZeRO only; use engine: megatron for parallel.tp > 1",
+        )
 
 
 def gradient_accumulation(cfg: RunConfig, world_size: int) -> int:

@@ -61,6 +61,19 @@ def _rows_index(ranges, device) -> torch.Tensor:
     return torch.cat([torch.arange(a, b, device=device) for a, b in ranges] + [torch.zeros(0, dtype=torch.long)])
 
 
+def _load_pre_hook(module, state_dict, prefix, *args) -> None:
+    """``load_state_dict``: the base layer's keys (``linear_qkv.weight``) go to the wrapped ``base``; a
+    rank without rows has no part of the slices in a distributed checkpoint and keeps its empty ones."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        leaf = key[len(prefix) :]
+        if leaf not in SLICE_KEYS and not leaf.startswith("base."):
+            state_dict[f"{prefix}base.{leaf}"] = state_dict.pop(key)
+    for leaf in SLICE_KEYS:
+        p = getattr(module, leaf)
+        if p is not None and not len(module.rows):
+            state_dict.setdefault(prefix + leaf, p.detach())
+
+
 class MegatronHeadRows(HeadRows):
     """A ``linear_qkv`` (local or Transformer Engine) whose selected LOCAL output rows train.
 
@@ -84,6 +97,7 @@ class MegatronHeadRows(HeadRows):
         for p in (self.head_weight, self.head_bias):
             if p is not None:  # one slice per TP rank: gradient-norm clipping counts it on every rank
                 set_tensor_model_parallel_attributes(p, True, 0, 1)
+        self._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
         # TE's fused layer norm + linear: the delta needs the normalized input the matmul saw.
         self._ln_output = getattr(base, "return_layernorm_output", None)
         if self._ln_output is not None:

@@ -202,11 +202,61 @@ def run_convert(models_dir: str, rank: int) -> dict:
     return out
 
 
+def hooked_gpt(folder, tp: int, heads, load: bool):
+    """The HF model of ``folder`` as a GPTModel at ``tp`` (weights loaded or left uninitialized), hooked."""
+    from megatron.core import parallel_state
+
+    from alps_ds.arch import AttentionSpec, read_config
+    from alps_ds.mcore.convert import build_gpt, load_hf
+    from alps_ds.parallel import megatron as hook
+    from alps_ds.selection import HeadSelection, Provenance
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    seed_model_parallel(0)
+    cfg, _ = read_config(folder)
+    spec = AttentionSpec.from_config(cfg)
+    model = build_gpt(cfg, spec, tp=tp, dtype=torch.float32)
+    if load:
+        load_hf(model, folder, spec, tied=False)
+    hook.apply(model, HeadSelection(spec.fingerprint, heads, Provenance(select="explicit")), spec=spec)
+    return model, spec
+
+
+def run_full_checkpoint(models_dir: str, ckpt: str) -> dict:
+    """A hooked model's full ``sharded_state_dict`` (frozen weights and slices) saved by dist_checkpointing
+    at TP 2 and loaded into an uninitialized hooked model at TP 4: the same merged q/k/v and slices."""
+    from pathlib import Path
+
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from alps_ds.mcore.convert import gather_hf
+
+    folder, heads = Path(models_dir) / "qwen2", ((0, 1), (1, 2), (1, 3))
+    model, spec = hooked_gpt(folder, 2, heads, load=True)
+    with torch.no_grad():  # "training": a TP-independent change of every selected row
+        for m in model.modules():
+            for p in (getattr(m, "head_weight", None), getattr(m, "head_bias", None)):
+                if p is not None:
+                    p.add_(1.0)
+    want = gather_hf(model, spec, tied=False)
+    Path(ckpt).mkdir(exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), ckpt)
+    parallel_state.destroy_model_parallel()
+    model, spec = hooked_gpt(folder, 4, heads, load=False)
+    state = model.sharded_state_dict()
+    model.load_state_dict(dist_checkpointing.load(state, ckpt))
+    got = gather_hf(model, spec, tied=False)
+    parallel_state.destroy_model_parallel()
+    return {"same": sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)}
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     cpu_shims()
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {"convert": run_convert(sys.argv[2], rank)}
+    if world >= 4:
+        results["full_checkpoint"] = run_full_checkpoint(sys.argv[2], sys.argv[1] + ".ckpt")
     for name, tp, pp, n, g, hd, layers, heads in CASES:
         if tp * pp <= world:
             results[name] = run_case(name, tp, pp, n, g, hd, layers, heads, rank)

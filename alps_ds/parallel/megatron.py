@@ -58,7 +58,8 @@ def _tp_group(layer: nn.Module):
 
 
 def _rows_index(ranges, device) -> torch.Tensor:
-    return torch.cat([torch.arange(a, b, device=device) for a, b in ranges] + [torch.zeros(0, dtype=torch.long)])
+    empty = torch.zeros(0, dtype=torch.long, device=device)  # a TP rank without rows: a 0-row slice
+    return torch.cat([torch.arange(a, b, device=device) for a, b in ranges] + [empty])
 
 
 def _load_pre_hook(module, state_dict, prefix, *args) -> None:

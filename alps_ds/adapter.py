@@ -147,8 +147,6 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
     ``selection`` defaults to the one :func:`alps_ds.apply` used. A model loaded from a local folder
     gets that base's Q/K/V digest recorded, so merging or loading onto another base is refused.
     """
-    from safetensors.torch import save_file
-
     from alps_ds.digest import base_record, model_base_dir
 
     model = unwrap(model)
@@ -176,23 +174,41 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
     out = Path(out_dir)
     if _rank() == 0:
         base_dir = model_base_dir(model)
-        dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
-            "kv": state[1],
-            "dtype": "/".join(sorted(dtypes)),
-            "selection": selection.to_dict(),
-            "modules": [e.to_dict() for e in entries],
-            "base": None if base_dir is None else base_record(base_dir),
-            "train_others": others,
-        }
-        with atomic_dir(out) as tmp:
-            save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
-            (tmp / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+        base = None if base_dir is None else base_record(base_dir)
+        write_adapter(out, selection, state[1], entries, tensors, base=base, train_others=others)
     if _distributed():
         torch.distributed.barrier()
     return out
+
+
+def write_adapter(
+    out: Path,
+    selection: HeadSelection,
+    kv: str,
+    entries: list[AdapterModule],
+    tensors: dict[str, torch.Tensor],
+    *,
+    base: dict[str, Any] | None = None,
+    train_others: list[str] | tuple[str, ...] = (),
+) -> None:
+    """Write an adapter folder (atomically) from its modules and row tensors (one process); ``base`` is the
+    base's digest record (:func:`alps_ds.digest.base_record`), ``train_others`` the names trained in full."""
+    from safetensors.torch import save_file
+
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kv": kv,
+        "dtype": "/".join(sorted(dtypes)),
+        "selection": selection.to_dict(),
+        "modules": [e.to_dict() for e in entries],
+        "base": base,
+        "train_others": list(train_others),
+    }
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
+        (tmp / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:

@@ -71,6 +71,11 @@ def test_shipped_configs_load():
         ("train: {warmup_ratio: 1.5}", "run.yaml: train.warmup_ratio: must be in [0, 1)"),
         ("selection: {method: top-k}", "run.yaml: selection.task:"),
         ("model: tiny:lama", "run.yaml: model.path: no tiny model family 'lama'; use tiny:<family>, one of"),
+        ("engine: nemo", "run.yaml: engine: 'nemo' is unknown; choose one of deepspeed, megatron"),
+        ("parallel: {tp: 0}", "run.yaml: parallel: tp and pp must be at least 1"),
+        ("parallel: {tp: 2}", "run.yaml: parallel: engine deepspeed runs data parallel + ZeRO only"),
+        ("engine: megatron\nparallel: {pp: 2}", "run.yaml: parallel.pp: engine megatron runs no pipeline schedule"),
+        ("engine: megatron\ntrain_others: [mlp]", "run.yaml: train_others: engine megatron trains the Q/K/V slices"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, yaml_text, message):

@@ -1,13 +1,14 @@
-"""``alps-ds train``: fine-tune only the selected heads with DeepSpeed, from a run YAML to an exported model."""
+"""``alps-ds train``: fine-tune only the selected heads (DeepSpeed or megatron-core), YAML to exported model."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "train the selected heads' Q/K/V rows with DeepSpeed from a run YAML; checkpoint, resume, export"
+HELP = "train the selected heads' Q/K/V rows (DeepSpeed or megatron-core) from a run YAML; checkpoint, resume, export"
 DESCRIPTION = (
     "Train a base model on a dataset while only the selected attention heads' Q/K/V rows (and "
-    "train_others) update. Runs as one process or under deepspeed, torchrun or mpirun. Writes "
+    "train_others) update, on DeepSpeed (default) or megatron-core (--set engine=megatron --set "
+    "parallel.tp=T). Runs as one process or under deepspeed, torchrun or mpirun. Writes "
     "OUT/checkpoints, OUT/tensorboard, OUT/merged (a Hugging Face model), OUT/adapter and "
     "OUT/summary.json. See docs/train.md for every config key."
 )

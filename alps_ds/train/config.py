@@ -23,6 +23,7 @@ from alps_ds.choose import METHODS
 from alps_ds.errors import AlpsError
 from alps_ds.layout import KV_POLICIES
 from alps_ds.localize.vocab import DEFAULT_DTYPE, DEFAULT_HEAD_REPR, DEFAULT_METRIC, HEAD_REPRS, METRICS, SCORE_DTYPES
+from alps_ds.train.engines import Engine, validate_megatron
 
 # ZeRO stages, and the one alps-ds uses when no DeepSpeed config says otherwise (train's default
 # DS config, and the default of `alps-ds plan --zero` and `alps-ds check --zero`).
@@ -98,6 +99,12 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size (engine megatron); data parallel over the remaining ranks
+    pp: int = 1  # pipeline stages (no engine runs a pipeline schedule yet)
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/alps"
     checkpoint_every: int = 500  # optimizer steps; 0: only at the end
@@ -123,6 +130,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: str | dict[str, Any] | None = None  # JSON path or inline dict; None: ZeRO DEFAULT_ZERO_STAGE, fp32
+    engine: Engine = "deepspeed"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = field(default="config", metadata={"internal": True})  # file name used in error messages
@@ -428,6 +437,15 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.output.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0 (0: only at the end)")
     need(cfg.output.keep_checkpoints >= 1, "output.keep_checkpoints", "must be at least 1")
     need(cfg.logging.every >= 1, "logging.every", "must be at least 1")
+    need(cfg.parallel.tp >= 1 and cfg.parallel.pp >= 1, "parallel", "tp and pp must be at least 1")
+    if cfg.engine == "megatron":
+        validate_megatron(cfg, need)
+    else:
+        need(
+            cfg.parallel.tp == 1 and cfg.parallel.pp == 1,
+            "parallel",
+            "engine deepspeed runs data parallel + ZeRO only; use engine: megatron for parallel.tp > 1",
+        )
 
 
 def gradient_accumulation(cfg: RunConfig, world_size: int) -> int:

@@ -36,6 +36,10 @@ from alps_ds.train.report import Summary, TrainLog, open_tensorboard, optimizer_
 
 def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
     """Run the whole job; returns the summary on rank 0 (None elsewhere)."""
+    if cfg.engine == "megatron":
+        from alps_ds.mcore.engine import train as train_megatron
+
+        return train_megatron(cfg, resume=resume)
     run = setup(cfg, resume=resume)
     progress = run_steps(run)
     return finish(run, progress)

@@ -56,7 +56,8 @@ def build_tiny_base(family: str, target: Path, *, seed: int) -> None:
     from alps_ds.tiny import build_model, save_model, tiny_config
     from alps_ds.train.tokenizer import BYTE_VOCAB, save_byte_tokenizer
 
-    model = build_model(tiny_config(family or "llama", vocab=BYTE_VOCAB, max_positions=1024), seed=seed)
+    vocab = -(-BYTE_VOCAB // 64) * 64  # padded like real checkpoints, so it splits over tensor-parallel ranks
+    model = build_model(tiny_config(family or "llama", vocab=vocab, max_positions=1024), seed=seed)
     with atomic_dir(target) as tmp:
         save_model(model, tmp)
         save_byte_tokenizer(tmp)

@@ -136,8 +136,6 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
     the real values; rank 0 writes (atomically: a crash leaves any previous adapter intact).
     ``selection`` defaults to the one :func:`alps_ds.apply` used.
     """
-    from safetensors.torch import save_file
-
     model = unwrap(model)
     state = hook_state(model)
     hooked = list(hooked_modules(model))
@@ -148,7 +146,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
         # Each rank holds rows local to its shard: rank 0 alone would write an adapter missing the others.
         raise AlpsError(
             "save_adapter: the model is tensor-parallel (alps_ds.parallel.autotp) and each rank holds only "
-            "its shard's rows; export the full weights with autotp.gather_qkv instead"
+            "its shard's rows; gather the full rows first (alps_ds.train.tensor_parallel.gather_rows) and "
+            "write them with write_adapter"
         )
     tensors: dict[str, torch.Tensor] = {}
     entries = []
@@ -160,20 +159,36 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
         entries.append(AdapterModule(name, mod.ranges, mod.kinds, mod.in_features, mod.head_bias is not None))
     out = Path(out_dir)
     if _rank() == 0:
-        dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
-            "kv": state[1],
-            "dtype": "/".join(sorted(dtypes)),
-            "selection": selection.to_dict(),
-            "modules": [e.to_dict() for e in entries],
-        }
-        with atomic_dir(out) as tmp:
-            save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
-            (tmp / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+        write_adapter(out, selection, state[1], entries, tensors)
     if _distributed():
         torch.distributed.barrier()
+    return out
+
+
+def write_adapter(
+    out_dir: str | os.PathLike,
+    selection: HeadSelection,
+    kv: str,
+    modules: list[AdapterModule],
+    tensors: dict[str, torch.Tensor],
+) -> Path:
+    """Write an adapter folder (atomically) from full-model rows: ``tensors`` holds ``<module>.weight``
+    [rows, in] (and ``.bias``) for each of ``modules``. One process writes; see :func:`save_adapter`."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kv": kv,
+        "dtype": "/".join(sorted(dtypes)),
+        "selection": selection.to_dict(),
+        "modules": [m.to_dict() for m in modules],
+    }
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
+        (tmp / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
 

@@ -24,7 +24,7 @@ from alps_ds.arch import AttentionSpec
 from alps_ds.errors import AlpsError
 from alps_ds.hooked import HeadRows, HookedRows, HookReport, require_input_grads, set_submodule
 from alps_ds.layout import KVPolicy
-from alps_ds.parallel.mapping import TensorParallel, plan
+from alps_ds.parallel.mapping import ParallelPlan, TensorParallel, plan
 from alps_ds.selection import HeadSelection
 from alps_ds.sparse.hook import model_spec
 from alps_ds.sparse.module import HeadRowsLinear, reparametrize
@@ -67,16 +67,38 @@ class TPHeadRowsLinear(HeadRowsLinear):
         return self.__dict__["_shard"]
 
 
-def _check_every_rank_trains(spec: AttentionSpec, selection: HeadSelection, tp_size: int, kv: KVPolicy):
-    """The plan of ``selection`` on ``tp_size`` AutoTP ranks, refused if a rank would train nothing.
+def check_rules(
+    spec: AttentionSpec,
+    tp_size: int,
+    *,
+    heads: Iterable[tuple[int, int]] | None = None,
+    kv: KVPolicy = "group",
+    train_others: Iterable[str] | str = (),
+) -> ParallelPlan | None:
+    """Refuse what this hook cannot train on ``tp_size`` AutoTP ranks, before anything is sharded.
 
-    Checked on every rank alike (the plan is deterministic), so all ranks fail together instead of
-    one hanging in a collective: DeepSpeed ZeRO stops a rank with nothing to train with
-    "AssertionError: zero stage 2 requires an optimizer".
+    The one set of rules that :func:`shard`, :func:`apply`, ``alps-ds train`` (``parallel.tp``),
+    ``alps-ds check`` and ``alps-ds launch`` apply: separate q/k/v only, no ``train_others``, and
+    (given ``heads``) every TP rank holds selected rows. Returns the plan of ``heads`` (None without).
+    Deterministic, so every rank of a job fails alike instead of one hanging in a collective.
     """
-    result = plan(spec, selection.heads, tp=tp_size, layout="autotp", kv=kv)
+    if spec.layout != "separate":
+        raise AlpsError(
+            f"AutoTP hook: {spec.model_type} has a {spec.layout} qkv weight; only separate q/k/v is supported"
+        )
+    others = (train_others,) if isinstance(train_others, str) else tuple(train_others or ())
+    if tp_size > 1 and any(others):
+        raise AlpsError(
+            "AutoTP: train_others is not supported under tensor parallelism (replicated parameters would "
+            "need AutoTP's gradient all-reduce); train heads only, or use tp 1"
+        )
+    if heads is None:
+        TensorParallel(spec, "autotp", tp_size)
+        return None
+    result = plan(spec, heads, tp=tp_size, layout="autotp", kv=kv)
     empty = sorted(set(range(tp_size)) - {e.tp_rank for e in result.entries})
     if empty:
+        # DeepSpeed ZeRO stops a rank with nothing to train: "AssertionError: zero stage 2 requires an optimizer".
         raise AlpsError(
             f"AutoTP: tp rank(s) {empty} of {tp_size} hold none of the selected rows ({spec.num_kv_heads} kv heads, "
             f"cut on kv-group boundaries) and DeepSpeed ZeRO needs something to train on every rank; "
@@ -104,13 +126,9 @@ def shard(
     from deepspeed.utils import groups
 
     spec = model_spec(model, spec, "AutoTP shard")
-    if spec.layout != "separate":
-        raise AlpsError(
-            f"AutoTP hook: {spec.model_type} has a {spec.layout} qkv weight; only separate q/k/v is supported"
-        )
     if selection is not None:
         selection.check_model(spec)
-        _check_every_rank_trains(spec, selection, tp_size, kv)
+    check_rules(spec, tp_size, heads=None if selection is None else selection.heads, kv=kv)
     set_autotp_mode(training=True)
     groups._init_tp_mesh_device(tensor_model_parallel_size=tp_size)
     group = groups.get_tensor_model_parallel_group()
@@ -150,14 +168,9 @@ def apply(
         raise AlpsError("AutoTP apply: the model is not sharded; call alps_ds.parallel.autotp.shard(model, tp) first")
     if any(isinstance(m, HeadRows) for m in model.modules()):
         raise AlpsError("AutoTP apply: this model is already hooked; use a fresh model")
-    if train_others not in ((), "", None) and tuple((train_others,) if isinstance(train_others, str) else train_others):
-        raise AlpsError(
-            "AutoTP apply: train_others is not supported under tensor parallelism (replicated parameters would "
-            "need AutoTP's gradient all-reduce); train heads only, or use tp 1"
-        )
     selection.check_model(spec)
     tp_size, rank = groups.get_tensor_model_parallel_world_size(), groups.get_tensor_model_parallel_rank()
-    result = _check_every_rank_trains(spec, selection, tp_size, kv)
+    result = check_rules(spec, tp_size, heads=selection.heads, kv=kv, train_others=train_others)
     for p in model.parameters():
         p.requires_grad_(False)
     tensor: TensorParallel = result.tensor

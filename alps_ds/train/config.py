@@ -88,6 +88,14 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Model parallelism: ``tp`` > 1 shards attention and MLP over ``tp`` ranks with DeepSpeed AutoTP
+    training; data parallel (ZeRO) runs over the remaining ``world / tp`` ranks."""
+
+    tp: int = 1
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/alps"
     checkpoint_every: int = 500  # optimizer steps; 0: only at the end
@@ -113,6 +121,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: str | dict[str, Any] | None = None  # JSON path or inline dict; None: ZeRO-2, fp32
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = field(default="config", metadata={"internal": True})  # file name used in error messages
@@ -387,6 +396,13 @@ def validate(cfg: RunConfig) -> None:
     need(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be positive (or null: use epochs)")
     need(t.stop_after is None or t.stop_after > 0, "train.stop_after", "must be positive (or null)")
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    need(cfg.parallel.tp >= 1, "parallel.tp", "must be at least 1 (1: no tensor parallelism)")
+    need(
+        cfg.parallel.tp == 1 or not cfg.train_others,
+        "train_others",
+        f"not supported with parallel.tp {cfg.parallel.tp} (modules trained in full would need AutoTP's gradient "
+        "all-reduce of replicated parameters); train heads only, or use parallel.tp 1",
+    )
     sel = cfg.selection
     if sel.heads is None:
         if sel.method not in ("all", "none"):
@@ -403,12 +419,15 @@ def validate(cfg: RunConfig) -> None:
 
 
 def gradient_accumulation(cfg: RunConfig, world_size: int) -> int:
-    """Micro-steps per optimizer step so that micro_batch x steps x ranks equals the effective batch."""
+    """Micro-steps per optimizer step so that micro_batch x steps x data-parallel ranks equals the
+    effective batch (the ranks of one tensor-parallel group share their batch)."""
     t = cfg.train
-    per_step = t.micro_batch * world_size
+    dp = world_size // cfg.parallel.tp
+    per_step = t.micro_batch * dp
     if t.batch % per_step:
+        ranks = f"data-parallel ranks, {world_size} / parallel.tp {cfg.parallel.tp}" if cfg.parallel.tp > 1 else "ranks"
         raise AlpsError(
-            f"{cfg.source}: train.batch: {t.batch} is not a multiple of train.micro_batch x ranks "
-            f"({t.micro_batch} x {world_size} = {per_step}); pick a batch divisible by {per_step}"
+            f"{cfg.source}: train.batch: {t.batch} is not a multiple of train.micro_batch x {ranks} "
+            f"({t.micro_batch} x {dp} = {per_step}); pick a batch divisible by {per_step}"
         )
     return t.batch // per_step

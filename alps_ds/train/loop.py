@@ -25,10 +25,10 @@ from alps_ds.train.config import RunConfig, gradient_accumulation
 from alps_ds.train.data import StepPlan, collate, tokenize_all
 from alps_ds.train.distributed import barrier, init_distributed, quiet_logs
 from alps_ds.train.engine_config import deepspeed_config, lr_lambda, train_dtype, zero_stage
-from alps_ds.train.export import export
 from alps_ds.train.heads import resolve_selection
 from alps_ds.train.model import load_model, load_tokenizer, resolve_model_dir
 from alps_ds.train.report import Summary, TrainLog, open_tensorboard, optimizer_bytes
+from alps_ds.train.tensor_parallel import check_resume, export, grid, hook, load_model_stage
 
 
 def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
@@ -45,12 +45,13 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
         print(f"alps-ds train: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
     if latest is not None:
         check_world_size(ckpt_dir, latest, world)
+    tp = grid(cfg, rank, world)
+    check_resume(ckpt_dir, latest, cfg)
 
     import deepspeed
     import torch.distributed as dist
 
     from alps_ds.arch import AttentionSpec
-    from alps_ds.sparse import apply, trainable_report
 
     model_dir = resolve_model_dir(cfg, out, rank)
     spec = AttentionSpec.from_pretrained(model_dir)
@@ -61,7 +62,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
     dtype = train_dtype(ds_config)
 
     examples, stats = tokenize_all(cfg.data, tokenizer, progress=rank == 0 and cfg.logging.progress)
-    plan = StepPlan(len(examples), cfg.train.micro_batch, grad_accum, world, cfg.train.seed, cfg.data.shuffle)
+    plan = StepPlan(len(examples), cfg.train.micro_batch, grad_accum, tp.dp, cfg.train.seed, cfg.data.shuffle)
     if plan.steps_per_epoch == 0:
         raise AlpsError(
             f"data.datasets: {len(examples)} examples are fewer than one effective batch (train.batch = "
@@ -73,13 +74,12 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    model = load_model(model_dir, ds_config, stage, dtype)
+    model = load_model(model_dir, ds_config, load_model_stage(stage, cfg), dtype)
     built_partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # zero.Init took effect
     model.config.use_cache = False
-    apply(model, selection, kv=cfg.kv, train_others=tuple(cfg.train_others), spec=spec)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    report = trainable_report(model)
+    report = hook(model, selection, cfg, spec)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise AlpsError(
@@ -97,6 +97,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
         optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config,
+        mpu=tp.mpu,
     )
     if rank == 0:  # only once every input checked out: a failed start leaves output.dir as it was
         out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
     step = start_step
     stop_at = total_steps if t.stop_after is None else min(total_steps, start_step + t.stop_after)
     engine.train()
-    for step, micro in plan.iterate(start_step, rank):
+    for step, micro in plan.iterate(start_step, tp.dp_rank):
         if step >= stop_at:
             break
         tic = time.perf_counter()
@@ -146,7 +147,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
             loss_sum += float(loss.detach().float())
         done = step + 1
         # on the engine's device: NCCL reduces only GPU tensors (gloo takes the CPU one)
-        totals = torch.tensor([loss_sum / grad_accum, float(tokens)], dtype=torch.float64, device=engine.device)
+        totals = torch.tensor([loss_sum / grad_accum, tp.tokens(tokens)], dtype=torch.float64, device=engine.device)
         dist.all_reduce(totals)
         last_loss = float(totals[0]) / world
         first_loss = last_loss if first_loss is None else first_loss
@@ -174,7 +175,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
         save_checkpoint(engine, ckpt_dir, final_step, rank, world, cfg.output.keep_checkpoints)
 
     finished = final_step >= total_steps
-    opt_bytes = optimizer_bytes(engine)
+    opt_bytes = optimizer_bytes(engine) | tp.facts(engine)
     per_rank: list[Any] = [None] * world
     dist.all_gather_object(per_rank, opt_bytes)
     merged_dir = adapter_dir = None
@@ -196,6 +197,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
             heads_selected=len(selection),
             optimizer_bytes_per_rank=per_rank,
             world_size=world,
+            tensor_parallel=tp.tp,
             grad_accum=grad_accum,
             zero_stage=stage,
             zero_init=built_partitioned,

@@ -43,10 +43,10 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
         raise AlpsError(f"output.dir: {out} already holds checkpoints; pass --resume or choose another output.dir")
     if resume and latest is None and rank == 0:
         print(f"alps-ds train: --resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
-    if latest is not None:
-        check_world_size(ckpt_dir, latest, world)
     tp = grid(cfg, rank, world)
     check_resume(ckpt_dir, latest, cfg)
+    if latest is not None:
+        check_world_size(ckpt_dir, latest, world)
 
     import deepspeed
     import torch.distributed as dist

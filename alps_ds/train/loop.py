@@ -79,7 +79,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
     model.config.use_cache = False
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    report = hook(model, selection, cfg, spec)
+    report = hook(model, selection, cfg, spec, stage)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise AlpsError(

@@ -84,9 +84,10 @@ def check_resume(ckpt_dir: Path, latest: dict[str, Any] | None, cfg: RunConfig) 
         )
 
 
-def hook(model, selection, cfg: RunConfig, spec):
+def hook(model, selection, cfg: RunConfig, spec, stage: int):
     """Hook ``model`` for ``selection`` (AutoTP-sharded first when tp > 1); returns the trainable report of
-    the whole model (a TP rank's own elements summed over its TP group, the size of the unsharded model)."""
+    the whole model (a TP rank's own elements summed over its TP group, the size of the unsharded model).
+    Under ZeRO-3 every TP rank wraps the same modules (see ``autotp.apply``'s ``same_modules``)."""
     from alps_ds.sparse import apply, trainable_report
 
     tp = cfg.parallel.tp
@@ -100,7 +101,7 @@ def hook(model, selection, cfg: RunConfig, spec):
 
     total = trainable_report(model).total
     autotp.shard(model, tp, spec, selection=selection, kv=cfg.kv)
-    autotp.apply(model, selection, kv=cfg.kv, train_others=tuple(cfg.train_others), spec=spec)
+    autotp.apply(model, selection, kv=cfg.kv, train_others=tuple(cfg.train_others), spec=spec, same_modules=stage == 3)
     local = trainable_report(model)
     counts = torch.tensor([local.trainable, *local.per_kind.values()], dtype=torch.int64)
     dist.all_reduce(counts, group=groups.get_tensor_model_parallel_group())
@@ -156,6 +157,8 @@ def gather_rows(engine) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     mine: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     tp_rank = groups.get_tensor_model_parallel_rank()
     for name, mod in hooked_modules(engine.module):
+        if mod.hooked is None:  # a frozen placeholder (ZeRO-3): this rank trains no rows here
+            continue
         start = sum(mod.partition_sizes[:tp_rank])
         idx = mod.rows.cpu() + start
         for leaf, p in (("weight", mod.head_weight), ("bias", mod.head_bias)):

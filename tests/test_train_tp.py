@@ -169,23 +169,25 @@ def test_tp_trains_the_same_model_as_tp1(runs, tp, ref):
         torch.testing.assert_close(ma[key], mb[key], atol=ATOL, rtol=0, msg=key)
 
 
-def cli(*args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(MAIN), *args], cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+def cli(capsys, *args: str) -> str:
+    """What ``alps-ds ARGS`` prints (in this process)."""
+    from alps_ds.cli import main
+
+    capsys.readouterr()
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TP_RUNS)
-def test_each_rank_optimizer_holds_its_planned_slice(runs, name):
+def test_each_rank_optimizer_holds_its_planned_slice(runs, name, capsys):
     r = runs[name]
     s = json.loads((r["out"] / "summary.json").read_text())
     tp, dp = r["tp"], r["ranks"] // r["tp"]
     assert s["tensor_parallel"] == tp and s["world_size"] == tp * dp
     entries = json.loads(
         cli(
+            capsys,
             "layout",
             "--heads",
             str(r["heads"]),
@@ -210,7 +212,7 @@ def test_each_rank_optimizer_holds_its_planned_slice(runs, name):
         assert x["param_bytes"] == planned[x["tp_rank"]] // dp * 4
         assert x["state_bytes"] >= planned[x["tp_rank"]] // dp * 8  # exp_avg, exp_avg_sq (+ step counters)
     assert s["trainable_elements"] == sum(planned)
-    plan = json.loads(cli("plan", "--config", str(r["run"]), "--dp", str(dp), "--json"))
+    plan = json.loads(cli(capsys, "plan", "--config", str(r["run"]), "--dp", str(dp), "--json"))
     assert plan["parallel"]["tp"] == tp and plan["parallel"]["zero"] == s["zero_stage"]
     alps = plan["rows"][0]
     assert alps["trainable"] == max(planned)  # the most loaded TP rank

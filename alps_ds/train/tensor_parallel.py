@@ -133,7 +133,7 @@ def export(cfg: RunConfig, engine, selection, model_dir: Path, out: Path, rank: 
     def write() -> None:
         check_rows(rows, spec, selection, cfg.kv)
         if merged_dir is not None:
-            plain.write_merged(model_dir, merged_dir, {k: (idx, v) for k, (idx, v) in rows.items()})
+            plain.write_merged(model_dir, merged_dir, rows)
         if adapter_dir is not None:
             write_full_adapter(adapter_dir, rows, spec, selection, cfg.kv, dtype)
 

@@ -17,6 +17,7 @@ _LAZY = {
     "save_adapter": "alps_ds.adapter",
     "load_adapter": "alps_ds.adapter",
     "merge_adapter_into_checkpoint": "alps_ds.adapter",
+    "to_peft_lora": "alps_ds.peft_lora",
 }
 
 
@@ -45,5 +46,6 @@ __all__ = [
     "merge_adapter_into_checkpoint",
     "reparametrize",
     "save_adapter",
+    "to_peft_lora",
     "trainable_report",
 ]

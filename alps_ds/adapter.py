@@ -8,8 +8,10 @@ to resume training), or merged into a base checkpoint shard by shard without loa
 
 Layout of an adapter folder::
 
-    adapter.json          format, version, kv policy, dtype, the heads.json selection, and per module
-                          the checkpoint key, row ranges and rows per kind
+    adapter.json          format, version, kv policy, dtype, the heads.json selection, per module
+                          the checkpoint key, row ranges and rows per kind, and (when the model was
+                          loaded from a local folder) the base's path and Q/K/V digest; the names
+                          of the parameters trained in full (train_others)
     adapter.safetensors   "<module>.weight" [rows, in] (and "<module>.bias" [rows]) per module
 """
 
@@ -67,6 +69,8 @@ class Adapter:
     dtype: str
     modules: tuple[AdapterModule, ...]
     tensors: dict[str, torch.Tensor]
+    base: dict[str, Any] | None = None  # alps_ds.digest.base_record of the base it was trained on
+    train_others: tuple[str, ...] = ()  # parameters trained in full (train_others), by name
 
     @classmethod
     def read(cls, adapter_dir: str | os.PathLike) -> Adapter:
@@ -118,7 +122,13 @@ class Adapter:
                 raise AlpsError(f"{tensor_path}: tensor {m.module}.weight missing or not [{rows}, {m.in_features}]")
             if m.bias and tuple(getattr(tensors.get(f"{m.module}.bias"), "shape", ())) != (rows,):
                 raise AlpsError(f"{tensor_path}: tensor {m.module}.bias missing or not [{rows}]")
-        return cls(selection, str(meta.get("kv")), str(meta.get("dtype")), modules, tensors)
+        base = meta.get("base")
+        if base is not None and not isinstance(base, dict):
+            raise AlpsError(f"{meta_path}: 'base' is not an object; save the adapter again")
+        others = meta.get("train_others") or []
+        if not isinstance(others, list) or not all(isinstance(n, str) for n in others):
+            raise AlpsError(f"{meta_path}: 'train_others' is not a list of parameter names; save the adapter again")
+        return cls(selection, str(meta.get("kv")), str(meta.get("dtype")), modules, tensors, base, tuple(others))
 
 
 def _distributed() -> bool:
@@ -134,8 +144,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
 
     Call on EVERY rank: under ZeRO-3 the slices are gathered (collective), so the adapter holds
     the real values; rank 0 writes (atomically: a crash leaves any previous adapter intact).
-    ``selection`` defaults to the one :func:`alps_ds.apply` used.
+    ``selection`` defaults to the one :func:`alps_ds.apply` used. A model loaded from a local folder
+    gets that base's Q/K/V digest recorded, so merging or loading onto another base is refused.
     """
+    from alps_ds.digest import base_record, model_base_dir
+
     model = unwrap(model)
     state = hook_state(model)
     hooked = list(hooked_modules(model))
@@ -157,9 +170,13 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
             if mod.head_bias is not None:
                 tensors[f"{name}.bias"] = mod.head_bias.detach().cpu().clone().contiguous()
         entries.append(AdapterModule(name, mod.ranges, mod.kinds, mod.in_features, mod.head_bias is not None))
+    hooked_names = {name for name, _ in hooked}
+    others = [n for n, p in model.named_parameters() if p.requires_grad and n.rpartition(".")[0] not in hooked_names]
     out = Path(out_dir)
     if _rank() == 0:
-        write_adapter(out, selection, state[1], entries, tensors)
+        base_dir = model_base_dir(model)
+        base = None if base_dir is None else base_record(base_dir)
+        write_adapter(out, selection, state[1], entries, tensors, base=base, train_others=others)
     if _distributed():
         torch.distributed.barrier()
     return out
@@ -171,9 +188,14 @@ def write_adapter(
     kv: str,
     modules: list[AdapterModule],
     tensors: dict[str, torch.Tensor],
+    *,
+    base: dict | None = None,
+    train_others: tuple[str, ...] | list[str] = (),
 ) -> Path:
     """Write an adapter folder (atomically) from full-model rows: ``tensors`` holds ``<module>.weight``
-    [rows, in] (and ``.bias``) for each of ``modules``. One process writes; see :func:`save_adapter`."""
+    [rows, in] (and ``.bias``) for each of ``modules``, plus any ``train_others`` tensors by name;
+    ``base`` is the base's digest record (:func:`alps_ds.digest.base_record`). One process writes;
+    see :func:`save_adapter`."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -185,6 +207,8 @@ def write_adapter(
         "dtype": "/".join(sorted(dtypes)),
         "selection": selection.to_dict(),
         "modules": [m.to_dict() for m in modules],
+        "base": base,
+        "train_others": list(train_others),
     }
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
@@ -197,12 +221,18 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
 
     Onto a plain base model the rows are written into the Q/K/V weights (the result is the
     merged fine-tuned model); onto a model hooked with the same selection they go into the
-    slice parameters (to continue training). Under ZeRO-3 call on every rank.
+    slice parameters (to continue training). Under ZeRO-3 call on every rank. A model loaded from a
+    local folder other than the base the adapter was trained on is refused (Q/K/V digest).
     """
+    from alps_ds.digest import check_base, model_base_dir
+
     adapter = Adapter.read(adapter_dir)
     model = unwrap(model)
     if getattr(model, "config", None) is not None:
         adapter.selection.check_model(AttentionSpec.from_config(model.config), source=f"{adapter_dir}")
+    base_dir = model_base_dir(model)
+    if base_dir is not None:
+        check_base(adapter.base, base_dir, owner=str(adapter_dir))
     hooked = {name: mod.ranges for name, mod in hooked_modules(model)}
     if hooked and hooked != {m.module: m.ranges for m in adapter.modules}:
         raise AlpsError(
@@ -254,11 +284,14 @@ def merge_adapter_into_checkpoint(
 
     Shards without Q/K/V tensors of the adapter, the index, config and tokenizer files are
     copied byte for byte; only shards holding adapted tensors are rewritten (same tensor names,
-    shapes, dtypes, metadata), so the index stays valid. Written atomically.
+    shapes, dtypes, metadata), so the index stays valid. Written atomically. A base other than the
+    one the adapter was trained on is refused (Q/K/V digest; adapters without one are merged as before).
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
     from tqdm import tqdm
+
+    from alps_ds.digest import check_base
 
     base, out = Path(base_dir), Path(out_dir)
     if out.resolve() == base.resolve():
@@ -266,6 +299,7 @@ def merge_adapter_into_checkpoint(
     adapter = Adapter.read(adapter_dir)
     spec = AttentionSpec.from_pretrained(base)
     adapter.selection.check_model(spec, source=str(adapter_dir))
+    check_base(adapter.base, base, owner=str(adapter_dir))
     shard_of = _shard_map(base)
     edits: dict[str, dict[str, tuple[tuple[tuple[int, int], ...], torch.Tensor]]] = {}
     for m in adapter.modules:

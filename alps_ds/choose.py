@@ -11,16 +11,24 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from alps_ds.errors import AlpsError
+from alps_ds.errors import AlpsError, check_choice
 
 Head = tuple[int, int]
-METHODS = ("top-k", "random", "layer-consistent", "all", "none")
+# How heads are chosen; recorded as provenance.select. top-k needs scores; all and none ignore the ratio.
+METHODS: tuple[str, ...] = ("top-k", "random", "layer-consistent", "all", "none")
+RATIO_METHODS: tuple[str, ...] = ("top-k", "random", "layer-consistent")
+SEEDED_METHODS: tuple[str, ...] = ("random", "layer-consistent")
+
+
+def check_ratio(ratio: float, source: str = "ratio") -> None:
+    """One AlpsError naming ``source`` (a flag, key or argument) unless ``ratio`` is in (0, 1]."""
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not (0 < ratio <= 1):  # NaN fails too
+        raise AlpsError(f"{source} {ratio!r} is outside (0, 1]; use e.g. 0.1 for 10 % of heads")
 
 
 def count_for_ratio(ratio: float, num_layers: int, num_heads: int) -> int:
     """K = ceil(r * L * n), with r in (0, 1]."""
-    if not isinstance(ratio, (int, float)) or not (0 < ratio <= 1):  # NaN fails the comparison too
-        raise AlpsError(f"--ratio {ratio!r} is outside (0, 1]; use e.g. --ratio 0.1 for 10 % of heads")
+    check_ratio(ratio)
     # round() first: 0.1 * 80 * 64 is 512.0000000000001 in binary floating point.
     return math.ceil(round(ratio * num_layers * num_heads, 9))
 
@@ -64,20 +72,22 @@ def all_heads(num_layers: int, num_heads: int) -> list[Head]:
     return [(layer, h) for layer in range(num_layers) for h in range(num_heads)]
 
 
-def parse_heads(text: str, num_layers: int | None = None, num_heads: int | None = None) -> list[Head]:
-    """Parse an explicit list such as ``"3:5,7:0"`` (layer:head, 0-based)."""
+def parse_heads(
+    text: str, num_layers: int | None = None, num_heads: int | None = None, *, source: str = "heads"
+) -> list[Head]:
+    """Parse an explicit list such as ``"3:5,7:0"`` (layer:head, 0-based); errors name ``source``."""
     heads: list[Head] = []
     for item in filter(None, (t.strip() for t in text.split(","))):
         parts = item.split(":")
         # isdecimal, not isdigit: int() rejects digits such as '²' that isdigit accepts.
         if len(parts) != 2 or not all(p.strip().isdecimal() for p in parts):
-            raise AlpsError(f"--heads: {item!r} is not LAYER:HEAD; write e.g. --heads 3:5,7:0 (0-based)")
+            raise AlpsError(f"{source}: {item!r} is not LAYER:HEAD; write e.g. 3:5,7:0 (0-based)")
         layer, h = int(parts[0]), int(parts[1])
         if num_layers is not None and num_heads is not None and not (layer < num_layers and h < num_heads):
-            raise AlpsError(f"--heads: {item} is outside the model ({num_layers} layers x {num_heads} heads, 0-based)")
+            raise AlpsError(f"{source}: {item} is outside the model ({num_layers} layers x {num_heads} heads, 0-based)")
         heads.append((layer, h))
     if len(set(heads)) != len(heads):
-        raise AlpsError("--heads: a head is listed twice; list each LAYER:HEAD once")
+        raise AlpsError(f"{source}: a head is listed twice; list each LAYER:HEAD once")
     return sorted(heads)
 
 
@@ -85,6 +95,7 @@ def choose(
     method: str, *, num_layers: int, num_heads: int, ratio: float, seed: int = 0, scores: np.ndarray | None = None
 ) -> list[Head]:
     """Dispatch on the method name used by the CLI and recorded in heads.json."""
+    check_choice("method", method, METHODS)
     if method == "all":
         return all_heads(num_layers, num_heads)
     if method == "none":
@@ -92,10 +103,8 @@ def choose(
     k = count_for_ratio(ratio, num_layers, num_heads)
     if method == "top-k":
         if scores is None:
-            raise AlpsError("--select top-k needs scores; run localize with --base and --task")
+            raise AlpsError("method top-k needs scores; localize a base/task pair first (alps_ds.localize)")
         return top_k(scores, k)
     if method == "random":
         return random_heads(num_layers, num_heads, k, seed)
-    if method == "layer-consistent":
-        return layer_consistent(num_layers, num_heads, k, seed)
-    raise AlpsError(f"--select {method!r} is unknown; choose one of {', '.join(METHODS)}")
+    return layer_consistent(num_layers, num_heads, k, seed)

@@ -9,3 +9,12 @@ class AlpsError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def check_choice(name: str, value: object, choices) -> None:
+    """One AlpsError line ``NAME 'VALUE' is unknown; choose one of ...`` when ``value`` is not a choice.
+
+    ``name`` is what the user wrote: a flag (``--metric``), a config key or a function argument.
+    """
+    if value not in choices:
+        raise AlpsError(f"{name} {value!r} is unknown; choose one of {', '.join(map(str, choices))}")

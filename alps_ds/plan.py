@@ -19,6 +19,7 @@ from alps_ds.choose import count_for_ratio
 from alps_ds.errors import AlpsError
 from alps_ds.layout import KVPolicy, matches_train_others
 from alps_ds.parallel.mapping import plan as parallel_plan
+from alps_ds.train.config import DEFAULT_ZERO_STAGE, ZERO_STAGES
 
 GiB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -156,14 +157,14 @@ class Parallel:
     tp: int = 1
     pp: int = 1
     dp: int = 1
-    zero: int = 3
+    zero: int = DEFAULT_ZERO_STAGE
     offload: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp"):
             if getattr(self, name) < 1:
                 raise AlpsError(f"--{name} must be at least 1")
-        if self.zero not in (0, 1, 2, 3):
+        if self.zero not in ZERO_STAGES:
             raise AlpsError(f"--zero {self.zero} is not a ZeRO stage; use 0, 1, 2 or 3")
         if self.offload and self.zero == 0:
             raise AlpsError("--offload needs ZeRO stage 1, 2 or 3 (optimizer offload is a ZeRO feature)")

@@ -13,16 +13,11 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from alps_ds.arch import AttentionSpec, ModelFingerprint
 from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_write_text
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from alps_ds.selection_ops import Comparison
 
 FORMAT = "alps-ds/heads"
 VERSION = 1
@@ -202,50 +197,6 @@ class HeadSelection:
     def with_heads(self, heads: list[Head] | tuple[Head, ...], provenance: Provenance) -> HeadSelection:
         """A new selection of the same model (and scores) with other heads."""
         return replace(self, heads=tuple(heads), provenance=provenance)
-
-    # ---- operations: thin wrappers over alps_ds.selection_ops (imported lazily: it imports us) --
-    def union(self, *others: HeadSelection, sources: Sequence[str] | None = None) -> HeadSelection:
-        """Heads selected by this or any of ``others``; ``sources`` (one per selection) go into provenance."""
-        from alps_ds import selection_ops
-
-        return selection_ops.union([self, *others], sources=sources)
-
-    def intersect(self, *others: HeadSelection, sources: Sequence[str] | None = None) -> HeadSelection:
-        """Heads selected by this and every one of ``others``."""
-        from alps_ds import selection_ops
-
-        return selection_ops.intersect([self, *others], sources=sources)
-
-    @staticmethod
-    def vote(
-        selections: Sequence[HeadSelection], *, ratio: float | None = None, sources: Sequence[str] | None = None
-    ) -> HeadSelection:
-        """Strict-majority heads, or with ``ratio`` the top K by (votes, mean normalized score)."""
-        from alps_ds import selection_ops
-
-        return selection_ops.vote(selections, ratio=ratio, sources=sources)
-
-    def resize(self, ratio: float, *, source: str | None = None) -> HeadSelection:
-        """Re-cut to ``ratio`` from the stored scores, exactly as ``alps-ds localize`` would."""
-        from alps_ds import selection_ops
-
-        return selection_ops.resize(self, ratio, source=source)
-
-    def compare(self, other: HeadSelection, *, sources: Sequence[str] | None = None) -> Comparison:
-        """Overlap, Jaccard, Spearman of scores and per-layer overlap against ``other``."""
-        from alps_ds import selection_ops
-
-        return selection_ops.compare(self, other, sources=sources)
-
-    def overlap(self, other: HeadSelection) -> int:
-        """Number of heads selected by both."""
-        return len(set(self.heads) & set(other.heads))
-
-    def jaccard(self, other: HeadSelection) -> float:
-        """|A & B| / |A | B| (1.0 for two empty selections)."""
-        from alps_ds import selection_ops
-
-        return selection_ops.jaccard(self, other)
 
 
 def _is_int(x: Any) -> bool:

@@ -218,6 +218,11 @@ def spearman(a: np.ndarray | Sequence[float], b: np.ndarray | Sequence[float]) -
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
 
 
+def overlap(a: HeadSelection, b: HeadSelection) -> int:
+    """Number of heads selected by both."""
+    return len(set(a.heads) & set(b.heads))
+
+
 def jaccard(a: HeadSelection, b: HeadSelection) -> float:
     """|A & B| / |A | B|; 1.0 when both are empty (equal sets)."""
     sa, sb = set(a.heads), set(b.heads)
@@ -275,7 +280,7 @@ def compare(a: HeadSelection, b: HeadSelection, *, sources: Sequence[str] | None
         b=name_b,
         size_a=len(sa),
         size_b=len(sb),
-        overlap=len(sa & sb),
+        overlap=overlap(a, b),
         union=len(sa | sb),
         jaccard=jaccard(a, b),
         spearman=rho,

@@ -82,6 +82,25 @@ def test_each_rank_trains_only_its_local_share(results):
     assert all(sorted(r["still_hooked"]) == sorted(r["hooked"]) for r in ranks.values())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_autotp_and_hf_engines_report_the_same_hook(results, stage):
+    """One contract: the AutoTP ranks' reports add up to the HF engine's report of the same selection
+    (per kind), their local ranges map back to exactly its global rows, and merge unhooks every engine."""
+    c = results[stage]
+    ranks = c["ranks"]
+    total = {k: sum(r["report_per_kind"][k] for r in ranks) for k in c["ref_per_kind"]}
+    assert total == c["ref_per_kind"]
+    merged_rows: dict[str, list] = {}
+    for r in ranks:
+        for name, rows in r["report_global"].items():
+            merged_rows.setdefault(name, []).extend(rows)
+    from alps_ds.layout import merge_ranges
+
+    assert {k: [list(r) for r in merge_ranges(map(tuple, v))] for k, v in merged_rows.items()} == c["ref_rows"]
+    assert all(r["merge_kept_rows"] and r["left_hooked"] == 0 for r in ranks)
+
+
 def test_rank_without_selected_rows_is_refused_before_sharding():
     """With 1 kv head and autotp_size 2, rank 1 holds no attention rows: DeepSpeed ZeRO would stop
     it with 'zero stage 2 requires an optimizer' while rank 0 waits; every rank gets this instead."""

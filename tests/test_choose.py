@@ -85,3 +85,27 @@ def test_parse_heads():
         parse_heads("2:0", 2, 3)
     with pytest.raises(AlpsError, match="listed twice"):
         parse_heads("1:1,1:1")
+
+
+@pytest.mark.parametrize("method", ["top-k", "random", "layer-consistent", "all", "none", "explicit"])
+def test_provenance_records_only_what_applies(method):
+    """choose_selection, behind localize and train alike: seed only for seeded methods, ratio only for
+    ratio methods, metric/head_repr/dtype only with scores, the alps-ds version always."""
+    from alps_ds import __version__
+    from alps_ds.arch import ModelFingerprint
+    from alps_ds.localize import choose_selection
+
+    fp = ModelFingerprint("llama", 3, 4, 2, 8, 32)
+    scores = np.arange(12.0).reshape(3, 4) if method == "top-k" else None
+    heads = [(1, 2)] if method == "explicit" else None
+    sel = choose_selection(fp, method, ratio=0.25, seed=7, heads=heads, scores=scores, metric="w1", dtype="float32")
+    p = sel.provenance
+    assert p.select == method and p.alps_ds_version == __version__
+    assert p.seed == (7 if method in ("random", "layer-consistent") else None)
+    assert p.ratio == (0.25 if method in ("top-k", "random", "layer-consistent") else None)
+    assert (p.metric, p.dtype) == (("w1", "float32") if scores is not None else (None, None))
+    assert (sel.scores is None) == (scores is None)
+    expected = choose(method, num_layers=3, num_heads=4, ratio=0.25, seed=7, scores=scores) if heads is None else heads
+    assert list(sel.heads) == expected
+    with pytest.raises(AlpsError, match="method 'best' is unknown"):
+        choose_selection(fp, "best")

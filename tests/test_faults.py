@@ -21,6 +21,7 @@ import pytest
 from dist import REPO, rank_env
 
 from alps_ds.cli import main
+from alps_ds.digest import base_record
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -81,7 +82,9 @@ def test_kill_mid_save_leaves_the_previous_checkpoint_current(killed_in_save):
     assert k["rc"] == -signal.SIGKILL, k["output"]
     # the kill hit the save of step 4: its folder holds a half-written file, but the pointer never moved
     assert k["tags"] == ["step-00000002", "step-00000004"] and k["half"], k
-    assert k["latest"] == {"tag": "step-00000002", "step": 2, "world_size": 1}
+    base = base_record(killed_in_save["out"] / "base")  # the tiny model the run built
+    want = {"tag": "step-00000002", "step": 2, "world_size": 1, "zero_stage": 2, "batch": 16, "base": base}
+    assert k["latest"] == want
     assert [r["step"] for r in k["log"]] == [1, 2, 3, 4] and not k["merged_after_kill"]
 
 
@@ -98,6 +101,9 @@ def test_resume_after_the_kill_restores_the_previous_checkpoint_exactly(killed_i
         "tag": "step-00000004",
         "step": 4,
         "world_size": 1,
+        "zero_stage": 2,
+        "batch": 16,
+        "base": base_record(out / "base"),
     }
     assert (out / "merged" / "model.safetensors").is_file()
 

@@ -4,6 +4,7 @@ Launches (each reused by several tests through module-scoped fixtures):
 - ``straight``: torchrun, 2 ranks, ZeRO-2, 12 steps, checkpoints every 6.
 - ``half`` then ``resumed``: the same run stopped after 6 steps under the deepspeed launcher, then
   resumed to 12 under mpirun; it must equal ``straight``.
+- ``on1``, ``on1z3``: ``half`` resumed by one plain process on ZeRO-2 and on ZeRO-3 (elastic checkpoints).
 - ``killed``: torchrun, ZeRO-3 (zero.Init), one rank killed with SIGKILL mid-run, relaunched with --resume.
 - ``plain``: one plain process on a model folder: top-k localize against a task model, bf16, chat
   template, packing, train_others=o_proj.
@@ -38,17 +39,34 @@ def log_of(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
 
 
+def run_plain(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``alps-ds ARGS`` as one plain process (no launcher variables: a group of one)."""
+    env = rank_env()
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run(
+        [sys.executable, str(MAIN), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 or not check, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """straight (torchrun), half (deepspeed launcher) and resumed (mpirun) runs of configs/tiny.yaml."""
+    """straight (torchrun), half (deepspeed launcher) and resumed (mpirun) runs of configs/tiny.yaml, and
+    the half run resumed elastically by one plain process on ZeRO-2 (on1) and on ZeRO-3 (on1z3)."""
     root = tmp_path_factory.mktemp("train")
     straight, split = root / "straight", root / "split"
     run_ranks(MAIN, *train_args(straight), launcher="torchrun")
     run_ranks(MAIN, *train_args(split, "--set", "train.stop_after=6"), launcher="deepspeed")
-    half = root / "half"
-    subprocess.run(["cp", "-r", str(split), str(half)], check=True)  # keep the stopped state for its own asserts
+    out = {"straight": straight, "resumed": split}
+    for name in ("half", "on1", "on1z3"):  # half keeps the stopped state for its own asserts
+        subprocess.run(["cp", "-r", str(split), str(root / name)], check=True)
+        out[name] = root / name
     run_ranks(MAIN, *train_args(split, "--resume"), launcher="mpirun")
-    return {"straight": straight, "half": half, "resumed": split}
+    run_plain(*train_args(out["on1"], "--resume"))
+    run_plain(*train_args(out["on1z3"], "--resume", "--set", "deepspeed=configs/ds_zero3.json"))
+    return out
 
 
 def changed_rows_expected(out: Path, base: Path | None = None) -> dict[str, set[int]]:
@@ -154,7 +172,16 @@ def test_tensorboard_holds_the_scalars(runs):
 
 def test_checkpoints_hold_no_frozen_weights(runs):
     ckpt = runs["straight"] / "checkpoints"
-    pointer = {"tag": f"step-{STEPS:08d}", "step": STEPS, "world_size": 2}
+    from alps_ds.digest import base_record
+
+    pointer = {
+        "tag": f"step-{STEPS:08d}",
+        "step": STEPS,
+        "world_size": 2,
+        "zero_stage": 2,
+        "batch": 16,
+        "base": base_record(runs["straight"] / "base"),
+    }
     assert json.loads((ckpt / "latest.json").read_text()) == pointer
     states = torch.load(next((ckpt / f"step-{STEPS:08d}").glob("mp_rank_00_model_states.pt")), weights_only=False)
     names = set(states["module"])
@@ -190,6 +217,78 @@ def test_resume_equals_a_straight_run(runs):
     b = load_file(str(runs["resumed"] / "merged" / "model.safetensors"))
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+
+
+def test_resume_on_one_rank_and_another_zero_stage_equals_a_straight_run(runs):
+    """The 2-rank ZeRO-2 checkpoint at step 6 resumed by one process on ZeRO-2 and on ZeRO-3 (elastic state).
+
+    Not bit-exact: the same micro-batch gradients are summed in another order (one rank accumulates all
+    four; two ranks accumulate two each, then all-reduce), so results agree to float32 rounding (1e-6).
+    """
+    straight = log_of(runs["straight"])
+    base = load_file(str(runs["straight"] / "merged" / "model.safetensors"))
+    for name, stage in (("on1", 2), ("on1z3", 3)):
+        out = runs[name]
+        log = log_of(out)
+        assert [r["step"] for r in log] == list(range(1, STEPS + 1)), name
+        assert log[:6] == straight[:6], name  # the first run's lines are kept
+        for a, b in zip(straight[6:], log[6:]):
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), (name, a["step"])
+            assert b["lr"] == pytest.approx(a["lr"], abs=1e-12), (name, a["step"])
+        s = json.loads((out / "summary.json").read_text())
+        assert (s["resumed_from"], s["steps"], s["world_size"], s["zero_stage"]) == (6, STEPS, 1, stage)
+        assert json.loads((out / "checkpoints" / "latest.json").read_text())["world_size"] == 1
+        merged = load_file(str(out / "merged" / "model.safetensors"))
+        for key in base:
+            assert torch.allclose(merged[key], base[key], atol=1e-6, rtol=0), (name, key)
+        assert_bit_exact(out)
+
+
+def test_a_damaged_elastic_shard_is_one_line(runs, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(runs["half"]), str(out)], check=True)
+    shard = out / "checkpoints" / "step-00000006" / "alps_slices-00001-of-00002.safetensors"
+    shard.write_bytes(b"not safetensors")
+    pointer = (out / "checkpoints" / "latest.json").read_bytes()
+    proc = run_plain(*train_args(out, "--resume"), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"alps-ds: error: {shard}: cannot read slice "), last
+    assert (out / "checkpoints" / "latest.json").read_bytes() == pointer and not (out / "merged").exists()
+
+
+def ds_fp32_slices(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The trained slices as DeepSpeed's own converter reads them from ``ckpt`` (it finds the tag in ``latest``)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), exclude_frozen_parameters=True)
+
+
+def assert_slices_are_the_merged_rows(slices: dict[str, torch.Tensor], out: Path) -> None:
+    merged = load_file(str(out / "merged" / "model.safetensors"))
+    rows = changed_rows_expected(out)
+    assert slices and all(name.endswith(".head_weight") for name in slices), sorted(slices)
+    for name, value in slices.items():
+        key = name.removesuffix(".head_weight") + ".weight"
+        assert torch.equal(value, merged[key][sorted(rows[key])]), name
+    assert {n.removesuffix(".head_weight") + ".weight" for n in slices} == set(rows)
+
+
+def test_deepspeed_zero_to_fp32_reads_the_checkpoint(runs, tmp_path):
+    """DeepSpeed's converter, as a function and as the script it copied beside the checkpoint (a fresh process),
+    finds the last tag through ``latest`` and gives exactly the trained rows of merged/."""
+    out = runs["straight"]
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == f"step-{STEPS:08d}"
+    assert_slices_are_the_merged_rows(ds_fp32_slices(ckpt), out)
+    subprocess.run(
+        [sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(tmp_path), "--exclude_frozen_parameters"]
+        + ["--safe_serialization"],
+        check=True,
+        env=rank_env(),
+        capture_output=True,
+    )
+    assert_slices_are_the_merged_rows(load_file(str(tmp_path / "model.safetensors")), out)
 
 
 # ---- kill -9 one rank, relaunch with --resume ----------------------------------------------------------------------
@@ -244,6 +343,7 @@ def test_kill_one_rank_then_resume_completes(killed):
     assert_bit_exact(out)
     kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert kept == ["step-00000020", "step-00000024"]  # keep_checkpoints: 2
+    assert_slices_are_the_merged_rows(ds_fp32_slices(out / "checkpoints"), out)  # a ZeRO-3 checkpoint
 
 
 # ---- one plain process ---------------------------------------------------------------------------------------------
@@ -298,14 +398,8 @@ def plain(tmp_path_factory) -> dict:
         "--set",
         "train.micro_batch=2",
     )
-    env = rank_env()
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run(
-        [sys.executable, str(MAIN), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return {"out": out, "base": base}
+    run_plain(*args)
+    return {"out": out, "base": base, "task": task}
 
 
 def test_plain_process_localizes_then_trains_bf16_chat_packing(plain):
@@ -318,3 +412,17 @@ def test_plain_process_localizes_then_trains_bf16_chat_packing(plain):
     log = log_of(out)
     assert sum(r["loss"] for r in log[-3:]) / 3 < log[0]["loss"]
     assert_bit_exact(out, base=plain["base"], trained_full=("o_proj",))
+
+
+def test_train_top_k_writes_the_heads_json_alps_ds_localize_writes(plain, tmp_path, capsys):
+    """Both go through alps_ds.localize.make_selection: the same heads, scores and provenance, byte for byte."""
+    from alps_ds.cli import main
+
+    out = tmp_path / "localized"
+    argv = ["localize", "--base", str(plain["base"]), "--task", str(plain["task"]), "--out", str(out)]
+    assert main([*argv, "--ratio", "0.25", "--quiet"]) == 0
+    by_train = json.loads((plain["out"] / "heads.json").read_text())
+    by_localize = json.loads((out / "heads.json").read_text())
+    assert by_train["provenance"]["dtype"] == "float32" and by_train["provenance"]["alps_ds_version"]
+    assert by_train["provenance"]["seed"] is None  # top-k draws nothing at random
+    assert by_train == by_localize

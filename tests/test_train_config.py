@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from pathlib import Path
 
 import pytest
 
+from alps_ds.choose import METHODS
 from alps_ds.cli import main
 from alps_ds.errors import AlpsError
-from alps_ds.train.config import RunConfig, gradient_accumulation, load_config
-from alps_ds.train.engine_config import deepspeed_config, lr_lambda
+from alps_ds.layout import KV_POLICIES
+from alps_ds.localize import HEAD_REPRS, METRICS, SCORE_DTYPES
+from alps_ds.train.config import (
+    DEFAULT_ZERO_STAGE,
+    ZERO_STAGES,
+    DataFormat,
+    RunConfig,
+    Schedule,
+    Template,
+    gradient_accumulation,
+    load_config,
+)
+from alps_ds.train.engine_config import DEFAULT_DS_CONFIG, deepspeed_config, lr_lambda
 
 REPO = Path(__file__).resolve().parents[1]
 MIN = "model: tiny:llama\nselection: {method: random}\ndata: {datasets: [d.jsonl]}\n"
@@ -50,10 +63,10 @@ def test_shipped_configs_load():
         ("train: {micro_batch: 2.5}", "run.yaml: train.micro_batch: expected an integer, got 2.5"),
         ("train: {lr_rate: 1}", "run.yaml: train.lr_rate: unknown key"),
         ("trian: {lr: 1}", "run.yaml: trian: unknown key"),
-        ("data: {datasets: [{path: a.jsonl, format: xml}]}", "run.yaml: data.datasets[0].format: expected one of"),
+        ("data: {datasets: [{path: a.jsonl, format: xml}]}", "run.yaml: data.datasets[0].format: 'xml' is unknown"),
         ("data: {packing: maybe}", "run.yaml: data.packing: expected true or false, got 'maybe'"),
         ("train: {betas: [0.9]}", "run.yaml: train.betas: expected a list of 2 values"),
-        ("kv: both", "run.yaml: kv: expected one of group, none, got 'both'"),
+        ("kv: both", "run.yaml: kv: 'both' is unknown; choose one of group, none"),
         ("deepspeed: [1]", "run.yaml: deepspeed: expected a string or a mapping or null, got [1]"),
         ("train: {warmup_ratio: 1.5}", "run.yaml: train.warmup_ratio: must be in [0, 1)"),
         ("selection: {method: top-k}", "run.yaml: selection.task:"),
@@ -65,6 +78,65 @@ def test_bad_values_name_the_key(tmp_path, yaml_text, message):
     with pytest.raises(AlpsError) as e:
         load_config(write(tmp_path, text))
     assert message in str(e.value).replace(str(tmp_path) + "/", "")
+
+
+# key -> (run YAML with the bad value w2 at that key, the choices of the module that owns the enum)
+ENUMS = {
+    "selection.method": ("selection: {method: w2}", METHODS),
+    "selection.metric": ("selection: {task: t, metric: w2}", METRICS),
+    "selection.head_repr": ("selection: {task: t, head_repr: w2}", HEAD_REPRS),
+    "selection.dtype": ("selection: {task: t, dtype: w2}", SCORE_DTYPES),
+    "kv": ("selection: {method: random}\nkv: w2", KV_POLICIES),
+    "data.datasets[0].format": ("data: {datasets: [{path: d, format: w2}]}", typing.get_args(DataFormat)),
+    "data.template": ("data: {datasets: [d], template: w2}", typing.get_args(Template)),
+    "train.schedule": ("train: {schedule: w2}", typing.get_args(Schedule)),
+}
+
+
+@pytest.mark.parametrize("key", ENUMS)
+def test_an_unknown_enum_value_fails_at_load_naming_the_key(tmp_path, key):
+    """One line naming the file and the key (not a CLI flag), listing the owner's choices, before any work."""
+    body, choices = ENUMS[key]
+    text = "model: tiny:llama\n" + body + "\n"
+    if "selection:" not in body:
+        text += "selection: {method: random}\n"
+    if "data:" not in body:
+        text += "data: {datasets: [d.jsonl]}\n"
+    path = write(tmp_path, text)
+    with pytest.raises(AlpsError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: {key}: 'w2' is unknown; choose one of " + ", ".join(choices)
+    # The same words through --set (which names itself as the source).
+    with pytest.raises(AlpsError) as e:
+        load_config(write(tmp_path, MIN), [f"{key.replace('[0]', '.0')}=w2"])
+    assert str(e.value).startswith(f"--set: {key}: 'w2' is unknown; choose one of ")
+
+
+def test_selection_metric_w2_is_one_line_from_the_cli(tmp_path, capsys):
+    path = write(tmp_path, "model: tiny:llama\nselection: {task: t, metric: w2}\ndata: {datasets: [d.jsonl]}\n")
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"alps-ds: error: {path}: selection.metric: 'w2' is unknown; choose one of " + ", ".join(METRICS)
+
+
+def test_cli_choices_are_the_owners_enums():
+    """Every command's enum options accept exactly the words of the module that owns them."""
+    from alps_ds.arch import TP_LAYOUTS
+    from alps_ds.cli import _subcommands, build_parser
+
+    commands = _subcommands(build_parser())
+    want = {"--kv": KV_POLICIES, "--tp-layout": tuple(TP_LAYOUTS), "--zero": ZERO_STAGES}
+    seen = set()
+    for name, parser in commands.items():
+        for action in parser._actions:
+            for flag in set(action.option_strings) & set(want):
+                assert tuple(action.choices) == want[flag], (name, flag)
+                seen.add((name, flag))
+        zero = next((a for a in parser._actions if "--zero" in a.option_strings), None)
+        if zero is not None and zero.default is not None:
+            assert zero.default == DEFAULT_ZERO_STAGE, name
+    assert {("plan", "--kv"), ("plan", "--zero"), ("check", "--zero"), ("check", "--tp-layout")} <= seen
+    assert RunConfig().deepspeed is None and DEFAULT_DS_CONFIG["zero_optimization"]["stage"] == DEFAULT_ZERO_STAGE
 
 
 def test_yaml_numbers_without_a_dot_and_missing_keys(tmp_path):

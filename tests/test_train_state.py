@@ -1,5 +1,5 @@
-"""A run's on-disk state, piece by piece (in process, no launch): the checkpoint pointer and the
-world size it records, the step log after a kill mid-write, and what the merged export copies."""
+"""A run's on-disk state, piece by piece (in process, no launch): the checkpoint pointer and the resumes it
+refuses, the elastic state's checks, the step log after a kill mid-write, and what the merged export copies."""
 
 from __future__ import annotations
 
@@ -9,21 +9,50 @@ import pytest
 
 from alps_ds.errors import AlpsError
 from alps_ds.tiny import build_model, tiny_config
-from alps_ds.train.checkpoint import LATEST, check_world_size, read_latest
+from alps_ds.train import elastic
+from alps_ds.train.checkpoint import LATEST, check_resume, read_latest
 from alps_ds.train.export import write_merged
 from alps_ds.train.report import TrainLog
 
 
-def test_resume_on_another_world_size_is_one_line(tmp_path):
-    (tmp_path / LATEST).write_text(json.dumps({"tag": "step-00000004", "step": 4, "world_size": 2}))
-    latest = read_latest(tmp_path)
-    check_world_size(tmp_path, latest, 2)
-    with pytest.raises(AlpsError, match="written by 2 ranks, this run has 4; resume with 2 ranks") as e:
-        check_world_size(tmp_path, latest, 4)
+def pointer(tmp_path, **fields):
+    (tmp_path / LATEST).write_text(json.dumps({"tag": "step-00000004", "step": 4, **fields}))
+    (tmp_path / "step-00000004").mkdir(exist_ok=True)
+    return read_latest(tmp_path)
+
+
+def test_resume_refusals_are_one_line(tmp_path):
+    latest = pointer(tmp_path, world_size=2, zero_stage=2, batch=16)
+    check_resume(tmp_path, latest, 2, 2, 16)
+    with pytest.raises(AlpsError, match="train.batch 16, this run has 32; resume with --set train.batch=16") as e:
+        check_resume(tmp_path, latest, 2, 2, 32)
     assert "\n" not in str(e.value) and str(tmp_path / LATEST) in str(e.value)
-    # a pointer from before the world size was recorded resumes as before
-    (tmp_path / LATEST).write_text(json.dumps({"tag": "step-00000004", "step": 4}))
-    check_world_size(tmp_path, read_latest(tmp_path), 4)
+    # another world size or ZeRO stage needs the elastic state; a tag without it names what fits
+    for world, stage in ((4, 2), (2, 3)):
+        with pytest.raises(AlpsError, match=f"no {elastic.META} .* resumes only on 2 ranks with ZeRO-2") as e:
+            check_resume(tmp_path, latest, world, stage, 16)
+        assert "\n" not in str(e.value) and str(tmp_path / "step-00000004") in str(e.value)
+    (tmp_path / "step-00000004" / elastic.META).write_text("{}")
+    check_resume(tmp_path, latest, 4, 3, 16)
+    # a pointer from before these were recorded resumes as before
+    check_resume(tmp_path, pointer(tmp_path), 4, 3, 32)
+
+
+def test_bad_elastic_state_is_one_line(tmp_path):
+    meta = tmp_path / elastic.META
+    for text, why in (
+        ("{", "Expecting"),
+        ('{"format": "other"}', "format 'other'"),
+        (f'{{"format": "{elastic.FORMAT}"}}', "missing step"),
+    ):
+        meta.write_text(text)
+        with pytest.raises(AlpsError, match=why) as e:
+            elastic.read_meta(tmp_path)
+        assert "\n" not in str(e.value) and str(meta) in str(e.value)
+    saved = {"slices": {"m.q_proj.weight": {"rows": [[0, 4]]}, "m.o_proj.weight": {"rows": None}}}
+    elastic.check_slices(tmp_path, saved, [(None, "m.q_proj.weight", ((0, 4),)), (None, "m.o_proj.weight", None)])
+    with pytest.raises(AlpsError, match=r"slices differ from this run's \(m.o_proj.weight, m.q_proj.weight\)"):
+        elastic.check_slices(tmp_path, saved, [(None, "m.q_proj.weight", ((0, 8),))])
 
 
 def test_a_half_written_log_line_is_dropped_on_resume(tmp_path):

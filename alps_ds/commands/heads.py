@@ -269,9 +269,11 @@ def _combine(args: argparse.Namespace) -> int:
 
 
 def _resize(args: argparse.Namespace) -> int:
+    from alps_ds.selection_ops import resize
+
     path = _in_path(args.file)
     sel = HeadSelection.load(path)
-    result = sel.resize(args.ratio, source=str(path))
+    result = resize(sel, args.ratio, source=str(path))
     out = _save(result, args.out)
     total = result.model.total_heads
     print(f"wrote {out}: {len(result)} of {total} heads ({_pct(len(result), total)}); {path} had {len(sel)}")

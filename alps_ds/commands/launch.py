@@ -24,7 +24,7 @@ DEFAULT_PORT = 29500
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from alps_ds.launcher.build import DS_LAUNCHERS, MPI_FLAVORS
+    from alps_ds.launcher.build import DS_LAUNCHERS, MPI_FLAVORS, STARTERS
     from alps_ds.launcher.preflight import add_check_arguments
 
     src = parser.add_mutually_exclusive_group()
@@ -34,9 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc-per-node", type=int, metavar="N", help="ranks per node (default: slots / GPUs / 1)")
     parser.add_argument("--master-addr", metavar="A", help="rendezvous host (default: the first host)")
     parser.add_argument("--master-port", type=int, default=DEFAULT_PORT, metavar="P", help="rendezvous port")
-    parser.add_argument(
-        "--starter", choices=("deepspeed", "torchrun"), default="deepspeed", help="what starts ranks on each node"
-    )
+    parser.add_argument("--starter", choices=STARTERS, default=STARTERS[0], help="what starts ranks on each node")
     parser.add_argument(
         "--launcher",
         choices=DS_LAUNCHERS,
@@ -83,37 +81,17 @@ def _run_config(train_args: list[str]):
 def plan_commands(args: argparse.Namespace, env=os.environ):
     """(commands, hosts, this node's rank or None, world size, master addr, notes) for ``args``."""
     from alps_ds.launcher import build
-    from alps_ds.launcher import hosts as hostmod
 
     train_args = _train_args(args)
     entry = build.Entry.of_script(args.script, train_args) if args.script else build.Entry.train(train_args)
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise AlpsError("--nproc-per-node must be at least 1")
     notes: list[str] = []
-    node_rank = args.node_rank
-    hostfile = None
-    if args.slurm:
-        if args.mpi:
-            raise AlpsError("--slurm with --mpi: under SLURM use srun or plain --slurm (the deepspeed launcher)")
-        job = hostmod.slurm_job(env, args.nproc_per_node)
-        hosts = list(job.hosts)
-        node_rank = job.node_rank if node_rank is None else node_rank
-        hostfile = args.hostfile_out or os.path.join(".alps-ds", f"hostfile.{job.job_id}")
-        if not args.dry_run:
-            hostmod.write_hostfile(hostfile, hosts)
-        notes.append(f"hostfile {hostfile}: {len(hosts)} nodes x {hosts[0].slots} GPUs (SLURM)")
-    elif args.hostfile:
-        hosts = hostmod.read_hostfile(args.hostfile)
-        if args.nproc_per_node:
-            hosts = [hostmod.Host(h.name, args.nproc_per_node) for h in hosts]
-        hostfile = args.hostfile
-    else:
-        hosts = [hostmod.Host("localhost", args.nproc_per_node or 1)]
+    hosts, hostfile, node_rank = _hosts(args, env, notes)
     multi = len(hosts) > 1
     master_addr = args.master_addr or (hosts[0].name if multi else "127.0.0.1")
     port = args.master_port
     world = build.world_size(hosts)
-
     if args.mpi:
         flavor = build.mpi_flavor() if args.mpi_flavor == "auto" else args.mpi_flavor
         cmds = [
@@ -129,28 +107,54 @@ def plan_commands(args: argparse.Namespace, env=os.environ):
     elif args.starter == "torchrun":
         cmds = build.torchrun_commands(hosts, entry, master_addr=master_addr, master_port=port)
     else:
-        per_node = args.no_ssh or (args.slurm and args.launcher != "slurm")
-        include = args.include or (build.include_spec(hosts) if args.nproc_per_node and hostfile else None)
-        if hostfile is None:
-            cmds = [
-                build.NodeCommand(
-                    None,
-                    "localhost",
-                    tuple(build.deepspeed_local_argv(hosts[0].slots, entry, master_addr=master_addr, master_port=port)),
-                )
-            ]
-        else:
-            cmds = build.deepspeed_commands(
-                hosts,
-                hostfile,
-                entry,
-                master_addr=master_addr,
-                master_port=port,
-                launcher=args.launcher,
-                no_ssh=per_node,
-                include=include,
-            )
+        cmds = _deepspeed_commands(args, hosts, hostfile, entry, master_addr)
     return cmds, hosts, node_rank, world, master_addr, notes
+
+
+def _hosts(args: argparse.Namespace, env, notes: list[str]):
+    """(hosts, hostfile or None, node rank or None): from the SLURM allocation, --hostfile, or this machine."""
+    from alps_ds.launcher import hosts as hostmod
+
+    node_rank = args.node_rank
+    if args.slurm:
+        if args.mpi:
+            raise AlpsError("--slurm with --mpi: under SLURM use srun or plain --slurm (the deepspeed launcher)")
+        job = hostmod.slurm_job(env, args.nproc_per_node)
+        hosts = list(job.hosts)
+        node_rank = job.node_rank if node_rank is None else node_rank
+        hostfile = args.hostfile_out or os.path.join(".alps-ds", f"hostfile.{job.job_id}")
+        if not args.dry_run:
+            hostmod.write_hostfile(hostfile, hosts)
+        notes.append(f"hostfile {hostfile}: {len(hosts)} nodes x {hosts[0].slots} GPUs (SLURM)")
+        return hosts, hostfile, node_rank
+    if args.hostfile:
+        hosts = hostmod.read_hostfile(args.hostfile)
+        if args.nproc_per_node:
+            hosts = [hostmod.Host(h.name, args.nproc_per_node) for h in hosts]
+        return hosts, args.hostfile, node_rank
+    return [hostmod.Host("localhost", args.nproc_per_node or 1)], None, node_rank
+
+
+def _deepspeed_commands(args: argparse.Namespace, hosts, hostfile, entry, master_addr: str):
+    """The deepspeed launcher's command(s): one local one without a hostfile, else per node or over ssh."""
+    from alps_ds.launcher import build
+
+    port = args.master_port
+    if hostfile is None:
+        argv = build.deepspeed_local_argv(hosts[0].slots, entry, master_addr=master_addr, master_port=port)
+        return [build.NodeCommand(None, "localhost", tuple(argv))]
+    per_node = args.no_ssh or (args.slurm and args.launcher != "slurm")
+    include = args.include or (build.include_spec(hosts) if args.nproc_per_node and hostfile else None)
+    return build.deepspeed_commands(
+        hosts,
+        hostfile,
+        entry,
+        master_addr=master_addr,
+        master_port=port,
+        launcher=args.launcher,
+        no_ssh=per_node,
+        include=include,
+    )
 
 
 def _mine(cmds, node_rank):

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--last-stage-layers", type=int, help="layers on the last stage (Megatron uneven split)")
     p.add_argument(
         "--layout",
-        choices=TP_LAYOUTS,
+        choices=tuple(TP_LAYOUTS),
         help="weight layout and TP split (default: the model's own HF layout: hf, fused or neox)",
     )
     p.add_argument("--kv", choices=KV_POLICIES, default="group", help="group: also train the heads' k/v rows")

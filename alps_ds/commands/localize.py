@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 
 HELP = "score every attention head by how far the task model moved it; write heads.json, scores.csv, heatmap.png"
 DESCRIPTION = (
@@ -14,20 +13,26 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from alps_ds.choose import METHODS
+    from alps_ds.localize import HEAD_REPRS, METRICS, SCORE_DTYPES
+    from alps_ds.localize.vocab import DEFAULT_DTYPE, DEFAULT_HEAD_REPR, DEFAULT_METRIC
+
     # Choices are validated in run() so a bad value is one AlpsError line like every other error.
     p.add_argument("--base", required=True, help="base model: folder written by save_pretrained, or a hub id")
     p.add_argument("--task", required=True, help="task model (a fine-tune of the base): folder or hub id")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files replaced atomically)")
     p.add_argument("--ratio", type=float, default=0.1, help="fraction of all heads to keep, in (0, 1] (default 0.1)")
-    p.add_argument("--metric", default="w1", help="w1 (default, s_PAD) | w1-index | kl | js | cosine | euclidean")
-    p.add_argument("--head-repr", default="product", help="product (paper eq. 5, default) | qkv-concat")
-    p.add_argument("--select", default=None, help="top-k (default) | random | layer-consistent | all | none")
+    p.add_argument("--metric", default=DEFAULT_METRIC, help=f"{' | '.join(METRICS)} (default {DEFAULT_METRIC}: s_PAD)")
+    p.add_argument(
+        "--head-repr", default=DEFAULT_HEAD_REPR, help=f"{' | '.join(HEAD_REPRS)} (default {DEFAULT_HEAD_REPR}, eq. 5)"
+    )
+    p.add_argument("--select", default=None, help=f"{' | '.join(METHODS)} (default {METHODS[0]})")
     p.add_argument("--seed", type=int, default=0, help="seed of --select random / layer-consistent (default 0)")
     p.add_argument(
         "--dtype",
-        default="float32",
-        help="precision weights are cast to before scoring: float32 | bfloat16 | "
-        "float16 | float64 (default float32; the public reference reads bfloat16)",
+        default=DEFAULT_DTYPE,
+        help=f"precision weights are cast to before scoring: {' | '.join(SCORE_DTYPES)} "
+        f"(default {DEFAULT_DTYPE}; the public reference reads bfloat16)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--heads", default=None, help="explicit selection instead of --select, e.g. 3:5,7:0 (0-based)")
@@ -41,39 +46,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _validate(args: argparse.Namespace) -> str:
-    """Check every flag before reading anything; returns the selection method."""
-    from alps_ds.choose import METHODS, count_for_ratio, parse_heads
-    from alps_ds.errors import AlpsError
-    from alps_ds.localize.score import DTYPES, HEAD_REPRS, METRICS, check_choice
+    """Check every flag before reading anything, naming the flag; returns the selection method."""
+    from alps_ds.choose import METHODS, check_ratio, parse_heads
+    from alps_ds.errors import AlpsError, check_choice
+    from alps_ds.localize import HEAD_REPRS, METRICS, SCORE_DTYPES
 
     check_choice("--metric", args.metric, METRICS)
     check_choice("--head-repr", args.head_repr, HEAD_REPRS)
-    check_choice("--dtype", args.dtype, DTYPES)
-    count_for_ratio(args.ratio, 1, 1)  # raises the --ratio error for values outside (0, 1]
+    check_choice("--dtype", args.dtype, SCORE_DTYPES)
+    check_ratio(args.ratio, "--ratio")
     if args.heads is not None:
         if args.select is not None:
             raise AlpsError("--heads and --select both given; use one (--heads is an explicit selection)")
-        parse_heads(args.heads)  # syntax now; bounds once the model's shape is known
+        parse_heads(args.heads, source="--heads")  # syntax now; bounds once the model's shape is known
         return "explicit"
-    method = args.select or "top-k"
+    method = args.select or METHODS[0]
     check_choice("--select", method, METHODS)
     return method
 
 
-def _scores_csv(scores) -> str:
-    buf = io.StringIO()
-    buf.write("layer,head,score\n")
-    for layer, row in enumerate(scores):
-        for h, s in enumerate(row):
-            buf.write(f"{layer},{h},{float(s)!r}\n")
-    return buf.getvalue()
-
-
-def _summary(sel, scores, result, out) -> str:
+def _summary(made, out) -> str:
     import numpy as np
 
-    flat = scores.reshape(-1)
-    n = scores.shape[1]
+    sel, result = made.selection, made.result
+    flat = result.scores.reshape(-1)
+    n = result.scores.shape[1]
     top = np.lexsort((np.arange(flat.size), -flat))[:5]
     spec = result.spec
     lines = [
@@ -90,63 +87,41 @@ def _summary(sel, scores, result, out) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from alps_ds import __version__
-    from alps_ds.choose import choose, parse_heads
+def _check_out(out) -> None:
+    """Before scoring (minutes on a large model): DIR, or the first of its parents that exists, must be a folder."""
     from alps_ds.errors import AlpsError
-    from alps_ds.fsutil import atomic_write_bytes, atomic_write_text
-    from alps_ds.heatmap import Panel, render_heatmap
-    from alps_ds.localize import localize_scores
-    from alps_ds.selection import HeadSelection, Provenance
 
-    method = _validate(args)
-    out = Path(args.out)
-    # Before scoring (minutes on a large model): DIR, or the first of its parents that exists, must be a folder.
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         what = "exists and is not a folder" if existing == out else f"{existing} is a file, not a folder"
         raise AlpsError(f"--out {out}: {what}; pick another path")
-    result = localize_scores(
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from alps_ds.choose import parse_heads
+    from alps_ds.localize import make_selection, write_outputs
+    from alps_ds.localize.score import resolve_device
+
+    method = _validate(args)
+    resolve_device(args.device, source="--device")  # imports torch: after the cheap checks
+    out = Path(args.out)
+    _check_out(out)
+    made = make_selection(
         args.base,
         args.task,
-        head_repr=args.head_repr,
+        method=method,
+        ratio=args.ratio,
+        seed=args.seed,
+        heads=None if args.heads is None else parse_heads(args.heads, source="--heads"),
         metric=args.metric,
+        head_repr=args.head_repr,
         dtype=args.dtype,
         device=args.device,
         progress=not args.quiet,
         allow_pickle=args.allow_pickle,
     )
-    spec, scores = result.spec, result.scores
-    L, n = spec.num_layers, spec.num_heads
-    if method == "explicit":
-        heads = parse_heads(args.heads, L, n)
-    else:
-        heads = choose(method, num_layers=L, num_heads=n, ratio=args.ratio, seed=args.seed, scores=scores)
-    uses_ratio = method in ("top-k", "random", "layer-consistent")
-    provenance = Provenance(
-        select=method,
-        metric=args.metric,
-        head_repr=args.head_repr,
-        ratio=args.ratio if uses_ratio else None,
-        seed=args.seed if method in ("random", "layer-consistent") else None,
-        dtype=args.dtype,
-        base=str(args.base),
-        task=str(args.task),
-        alps_ds_version=__version__,
-    )
-    sel = HeadSelection(spec.fingerprint, tuple(heads), provenance, tuple(tuple(map(float, r)) for r in scores))
-    # Everything is rendered in memory first: an error here leaves DIR as it was.
-    heads_json = sel.to_json()
-    csv = _scores_csv(scores)
-    title = f"{Path(str(args.task)).name} vs {Path(str(args.base)).name}: {args.metric}, {args.head_repr}"
-    png = render_heatmap([Panel(title, L, n, scores, sel.heads)])
-    try:
-        atomic_write_text(out / "heads.json", heads_json)
-        atomic_write_text(out / "scores.csv", csv)
-        atomic_write_bytes(out / "heatmap.png", png)
-    except OSError as e:  # read-only, full disk: each file is either the old one or the new one
-        raise AlpsError(f"--out {out}: cannot write ({e.strerror or e}); pick a writable folder") from e
-    print(_summary(sel, scores, result, out))
+    write_outputs(made, out, source="--out")
+    print(_summary(made, out))
     return 0

@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict
 
 from alps_ds.errors import AlpsError
+from alps_ds.layout import KV_POLICIES
+from alps_ds.train.config import DEFAULT_ZERO_STAGE, ZERO_STAGES
 
 HELP = "per-GPU memory of an ALPS job (vs full fine-tuning and LoRA) and whether it fits"
 DESCRIPTION = (
@@ -27,9 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="CONFIG_OR_DIR", help="model folder, config.json or hub id")
     parser.add_argument("--ratio", type=float, help="fraction of heads ALPS trains (default 0.1)")
     parser.add_argument("--heads", metavar="HEADS_JSON", help="plan for this selection instead of the worst case")
-    parser.add_argument("--kv", choices=("group", "none"), help="train K/V rows of selected heads (default group)")
+    parser.add_argument("--kv", choices=KV_POLICIES, help="train K/V rows of selected heads (default group)")
     parser.add_argument("--train-others", nargs="*", metavar="PATTERN", help="modules trained in full")
-    parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default 3)")
+    parser.add_argument(
+        "--zero",
+        type=int,
+        choices=ZERO_STAGES,
+        help=f"ZeRO stage (default {DEFAULT_ZERO_STAGE}, as alps-ds train without a DeepSpeed config)",
+    )
     parser.add_argument("--offload", action="store_true", help="ZeRO optimizer offload: master + Adam in host RAM")
     parser.add_argument("--tp", type=int, help="tensor-parallel size (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -64,7 +71,7 @@ DEFAULTS = {
     "ratio": 0.1,
     "kv": "group",
     "train_others": [],
-    "zero": 3,
+    "zero": DEFAULT_ZERO_STAGE,
     "tp": 1,
     "dtype": "bf16",
     "seq_len": 4096,

@@ -20,6 +20,7 @@ from alps_ds.launcher.hosts import Host
 
 DS_LAUNCHERS = ("pdsh", "openmpi", "mpich", "slurm")
 MPI_FLAVORS = ("mpich", "openmpi")
+STARTERS = ("deepspeed", "torchrun")  # what starts the ranks of each node (mpirun is --mpi)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from alps_ds.arch import TP_LAYOUTS
 from alps_ds.errors import AlpsError
+from alps_ds.train.config import DEFAULT_ZERO_STAGE, ZERO_STAGES
 
 Status = Literal["ok", "fail", "warn", "skip"]
 
@@ -41,7 +43,7 @@ class CheckInputs:
     kv: str = "group"
     train_others: tuple[str, ...] = ()
     layout: str | None = None  # tensor-parallel layout (alps_ds.parallel.mapping); None: the model's own
-    zero: int = 2
+    zero: int = DEFAULT_ZERO_STAGE
     offload: bool = False
     dtype: str = "bf16"  # weights and gradients: bf16, fp16 or fp32 (alps_ds.plan.DTYPE_BYTES)
     gpu_mem_gib: float | None = None
@@ -95,11 +97,40 @@ def writable_dir(path: str) -> str | None:
 
 
 def run_checks(inp: CheckInputs) -> list[Finding]:
+    """Every pre-flight check, one Finding each, in the order ``alps-ds check`` prints them."""
     out: list[Finding] = []
     add = out.append
     mp = inp.tp * inp.pp
+    _world_check(inp, add)
+    cfg, spec, heads = _model_checks(inp, add)
+    if spec is not None and inp.pp > spec.num_layers:
+        add(Finding("pipeline", "fail", f"--pp {inp.pp} exceeds the model's {spec.num_layers} layers"))
+    if inp.tp_conflict:
+        add(Finding("tensor parallel", "fail", inp.tp_conflict))
+    elif spec is not None:
+        _tp_checks(inp, spec, heads, add)
+    else:
+        add(Finding("tensor parallel", "skip", "no model config given (--model)"))
+    if not inp.gpu_mem_gib:
+        add(Finding("memory", "skip", "no GPU memory size given (--gpu-mem GIB)"))
+    elif spec is None:
+        add(Finding("memory", "skip", "no model config given (--model)"))
+    elif min(inp.world_size, inp.tp, inp.pp) < 1 or inp.world_size % mp:
+        add(Finding("memory", "skip", "the world size does not split over tp x pp"))
+    else:
+        _memory_check(inp, cfg, heads, add)
+    if inp.output_dir:
+        why = writable_dir(inp.output_dir)
+        add(Finding("output dir", "fail" if why else "ok", why or f"{inp.output_dir} is writable"))
+    else:
+        add(Finding("output dir", "skip", "no output folder given"))
+    _port_check(inp, add)
+    return out
 
-    # World size and the model-parallel grid.
+
+def _world_check(inp: CheckInputs, add) -> None:
+    """The world size splits into dp x tp x pp."""
+    mp = inp.tp * inp.pp
     if inp.world_size < 1 or inp.tp < 1 or inp.pp < 1:
         add(Finding("world size", "fail", f"world {inp.world_size}, tp {inp.tp}, pp {inp.pp} must all be >= 1"))
     elif inp.world_size % mp:
@@ -118,7 +149,10 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
             )
         )
 
-    # Model, selection, TP compatibility, balance and memory need the model config.
+
+def _model_checks(inp: CheckInputs, add):
+    """Read the model config and the selection (made for that model?); returns (config, spec, heads), None if absent.
+    TP compatibility, balance and memory need them."""
     cfg = spec = heads = None
     if inp.model:
         try:
@@ -141,30 +175,11 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
             add(Finding("selection", "fail", str(e)))
     else:
         add(Finding("selection", "skip", "no heads.json given (--heads); the plan uses the worst case"))
+    return cfg, spec, heads
 
-    if spec is not None and inp.pp > spec.num_layers:
-        add(Finding("pipeline", "fail", f"--pp {inp.pp} exceeds the model's {spec.num_layers} layers"))
-    if inp.tp_conflict:
-        add(Finding("tensor parallel", "fail", inp.tp_conflict))
-    elif spec is not None:
-        _tp_checks(inp, spec, heads, add)
-    else:
-        add(Finding("tensor parallel", "skip", "no model config given (--model)"))
-    if not inp.gpu_mem_gib:
-        add(Finding("memory", "skip", "no GPU memory size given (--gpu-mem GIB)"))
-    elif spec is None:
-        add(Finding("memory", "skip", "no model config given (--model)"))
-    elif min(inp.world_size, inp.tp, inp.pp) < 1 or inp.world_size % mp:
-        add(Finding("memory", "skip", "the world size does not split over tp x pp"))
-    else:
-        _memory_check(inp, cfg, heads, add)
 
-    if inp.output_dir:
-        why = writable_dir(inp.output_dir)
-        add(Finding("output dir", "fail" if why else "ok", why or f"{inp.output_dir} is writable"))
-    else:
-        add(Finding("output dir", "skip", "no output folder given"))
-
+def _port_check(inp: CheckInputs, add) -> None:
+    """The master port is a TCP port and free here (checked only when this host is the master)."""
     if inp.master_port is None:
         add(Finding("master port", "skip", "no master port given"))
     elif not 0 < inp.master_port < 65536:
@@ -181,7 +196,6 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
                 f"{inp.master_port} is in use on this host; pass another --master-port (or stop the old job)",
             )
         )
-    return out
 
 
 def _tp_checks(inp: CheckInputs, spec, heads, add) -> None:
@@ -284,10 +298,15 @@ def add_check_arguments(parser) -> None:
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     g.add_argument(
         "--tp-layout",
-        choices=("hf", "fused", "neox", "megatron", "autotp"),
+        choices=tuple(TP_LAYOUTS),
         help="how TP splits Q/K/V (default: autotp when the run YAML sets parallel.tp, else the model's own)",
     )
-    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage for the memory plan (default: YAML, 2)")
+    g.add_argument(
+        "--zero",
+        type=int,
+        choices=ZERO_STAGES,
+        help=f"ZeRO stage for the memory plan (default: YAML, {DEFAULT_ZERO_STAGE})",
+    )
     g.add_argument("--offload", action="store_true", help="plan with ZeRO optimizer offload")
     g.add_argument("--gpu-mem", type=float, metavar="GIB", help="GPU memory in GiB; enables the memory check")
     g.add_argument(
@@ -310,7 +329,7 @@ def inputs_from_args(
         heads=args.heads,
         ratio=args.ratio if args.ratio is not None else 0.1,
         layout=args.tp_layout,
-        zero=args.zero if args.zero is not None else 2,
+        zero=args.zero if args.zero is not None else DEFAULT_ZERO_STAGE,
         offload=args.offload,
         gpu_mem_gib=args.gpu_mem,
         seq_len=args.seq_len if args.seq_len is not None else 4096,

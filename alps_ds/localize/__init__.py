@@ -1,6 +1,32 @@
-"""Head localization: stream base/task checkpoints and score every attention head (ALPS stage 1)."""
+"""Head localization: stream base/task checkpoints, score every attention head and make a selection
+(ALPS stage 1).
 
-from alps_ds.localize.run import LocalizeResult, localize_scores, open_pair
-from alps_ds.localize.score import HEAD_REPRS, METRICS, LayerScorer
+The vocabulary (:mod:`.vocab`) loads eagerly; the scorer and reader import torch, so they load on
+first use and ``from alps_ds.localize import METRICS`` stays cheap for the CLI and run config.
+"""
 
-__all__ = ["HEAD_REPRS", "METRICS", "LayerScorer", "LocalizeResult", "localize_scores", "open_pair"]
+from alps_ds.localize.vocab import HEAD_REPRS, METRICS, SCORE_DTYPES
+
+_LAZY = {
+    "LayerScorer": "alps_ds.localize.score",
+    "LocalizeResult": "alps_ds.localize.run",
+    "localize_scores": "alps_ds.localize.run",
+    "open_pair": "alps_ds.localize.run",
+    "Localized": "alps_ds.localize.make",
+    "choose_selection": "alps_ds.localize.make",
+    "make_selection": "alps_ds.localize.make",
+    "write_outputs": "alps_ds.localize.make",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'alps_ds.localize' has no attribute {name!r}")
+
+
+__all__ = ["HEAD_REPRS", "METRICS", "SCORE_DTYPES", *_LAZY]

@@ -153,12 +153,7 @@ class CheckpointReader:
 
     def _locate(self) -> None:
         """Map every needed tensor name to its shard and byte range, reading headers only."""
-        index_path, single = self.dir / INDEX_FILE, self.dir / SINGLE_FILE
-        if index_path.is_file():
-            index = read_index(index_path)
-        elif single.is_file():
-            index = None
-        else:
+        if not (self.dir / INDEX_FILE).is_file() and not (self.dir / SINGLE_FILE).is_file():
             pickled = [p for p in _PICKLE_FILES if (self.dir / p).exists()]
             if pickled and self.allow_pickle:
                 self._load_pickle()
@@ -167,29 +162,21 @@ class CheckpointReader:
                 raise AlpsError(
                     f"{self.label} {self.dir}: only a pickle checkpoint ({pickled[0]}) is there; alps-ds reads "
                     "safetensors only (pickle can run code): re-save with save_pretrained(safe_serialization=True), "
-                    "or pass --allow-pickle to load its tensors with torch.load(weights_only=True)"
+                    "or allow pickle (allow_pickle=True; alps-ds localize --allow-pickle) to load its tensors with "
+                    "torch.load(weights_only=True)"
                 )
-            raise AlpsError(f"{self.label} {self.dir}: no {SINGLE_FILE} or {INDEX_FILE}; not a safetensors checkpoint")
-        wanted = [
-            (m, self.spec.weight_name(layer, m)) for layer in range(self.spec.num_layers) for m in self.spec.modules
-        ]
-        headers: dict[Path, dict[str, TensorInfo]] = {}
-        for module, name in wanted:
-            if index is not None and name not in index:
-                raise AlpsError(f"{self.label} {index_path}: tensor {name!r} is missing from the index")
-            shard = single if index is None else self.dir / index[name]
-            if shard not in headers:
-                headers[shard] = read_header(shard)
-            info = headers[shard].get(name)
-            if info is None:
-                raise AlpsError(f"{self.label} {shard}: tensor {name!r} is missing; is this a complete checkpoint?")
+        wanted = {
+            self.spec.weight_name(layer, m): m for layer in range(self.spec.num_layers) for m in self.spec.modules
+        }
+        self._tensors = locate_tensors(self.dir, list(wanted), label=self.label)
+        for name, module in wanted.items():
+            info = self._tensors[name]
             expected = (self.spec.module_rows(module), self.spec.hidden_size)
             if info.shape != expected:
                 raise AlpsError(
-                    f"{self.label} {shard}: tensor {name!r} has shape {list(info.shape)} but config.json implies "
+                    f"{self.label} {info.shard}: tensor {name!r} has shape {list(info.shape)} but config.json implies "
                     f"{list(expected)}; config and weights do not match"
                 )
-            self._tensors[name] = info
 
     def _load_pickle(self) -> None:
         """Q/K/V weights of pytorch_model.bin (or its shards) via ``torch.load(weights_only=True)``.
@@ -285,3 +272,67 @@ class CheckpointReader:
             raise AlpsError(f"{self.label} {info.shard}: cannot read tensor {name!r} ({e}); re-download it") from e
         self.bytes_read += nbytes
         return buf.view(dtype).view(info.shape)
+
+
+def locate_tensors(model_dir: Path, names: list[str], *, label: str) -> dict[str, TensorInfo]:
+    """Name -> where its bytes live, for ``names`` of a safetensors checkpoint (headers only).
+
+    The file choice of every reader here (the shard index when there is one, else the single file);
+    every missing file or tensor is one AlpsError naming it.
+    """
+    index_path, single = model_dir / INDEX_FILE, model_dir / SINGLE_FILE
+    if index_path.is_file():
+        index = read_index(index_path)
+    elif single.is_file():
+        index = None
+    else:
+        raise AlpsError(f"{label} {model_dir}: no {SINGLE_FILE} or {INDEX_FILE}; not a safetensors checkpoint")
+    headers: dict[Path, dict[str, TensorInfo]] = {}
+    out = {}
+    for name in names:
+        if index is not None and name not in index:
+            raise AlpsError(f"{label} {index_path}: tensor {name!r} is missing from the index")
+        shard = single if index is None else model_dir / index[name]
+        if shard not in headers:
+            headers[shard] = read_header(shard)
+        info = headers[shard].get(name)
+        if info is None:
+            raise AlpsError(f"{label} {shard}: tensor {name!r} is missing; is this a complete checkpoint?")
+        out[name] = info
+    return out
+
+
+def read_rows(info: TensorInfo, ranges: tuple[tuple[int, int], ...] | list[tuple[int, int]]) -> torch.Tensor:
+    """Rows ``[start, stop)`` of each range of one tensor (first dimension), read straight from its
+    shard: ``[sum of rows, *shape[1:]]`` in the checkpoint's dtype. Only those bytes are read."""
+    dtype = _DTYPES.get(info.dtype)
+    if dtype is None:
+        raise AlpsError(
+            f"{info.shard}: a tensor has dtype {info.dtype}; supported: {', '.join(_DTYPES)} (dequantize the "
+            "checkpoint first)"
+        )
+    row_elems = 1
+    for s in info.shape[1:]:
+        row_elems *= s
+    row_bytes = row_elems * dtype.itemsize
+    if not info.shape or info.end - info.begin != info.shape[0] * row_bytes:
+        raise AlpsError(f"{info.shard}: a tensor's byte size does not match its shape {list(info.shape)}; re-save it")
+    total = sum(b - a for a, b in ranges)
+    buf = torch.empty(total * row_bytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    got = 0
+    try:
+        with open(info.shard, "rb", buffering=0) as f:
+            for a, b in ranges:
+                if not 0 <= a < b <= info.shape[0]:
+                    raise AlpsError(f"{info.shard}: rows [{a}, {b}) outside a tensor of {info.shape[0]} rows")
+                f.seek(info.begin + a * row_bytes)
+                stop = got + (b - a) * row_bytes
+                while got < stop:
+                    k = f.readinto(view[got:stop])
+                    if not k:
+                        raise OSError("unexpected end of file")
+                    got += k
+    except OSError as e:
+        raise AlpsError(f"{info.shard}: cannot read rows ({e}); re-download or re-save the checkpoint") from e
+    return buf.view(dtype).view(total, *info.shape[1:])

@@ -18,6 +18,7 @@ from alps_ds.arch import AttentionSpec
 from alps_ds.errors import AlpsError
 from alps_ds.localize.reader import CheckpointReader
 from alps_ds.localize.score import DEFAULT_MAX_ELEMENTS, LayerScorer, resolve_device
+from alps_ds.localize.vocab import DEFAULT_DTYPE, DEFAULT_HEAD_REPR, DEFAULT_METRIC
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,9 @@ def localize_scores(
     base: str,
     task: str,
     *,
-    head_repr: str = "product",
-    metric: str = "w1",
-    dtype: str = "float32",
+    head_repr: str = DEFAULT_HEAD_REPR,
+    metric: str = DEFAULT_METRIC,
+    dtype: str = DEFAULT_DTYPE,
     device: str = "auto",
     progress: bool = True,
     max_elements: int = DEFAULT_MAX_ELEMENTS,

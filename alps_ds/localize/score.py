@@ -16,11 +16,10 @@ import numpy as np
 import torch
 
 from alps_ds.arch import AttentionSpec, Kind
-from alps_ds.errors import AlpsError
+from alps_ds.errors import AlpsError, check_choice
+from alps_ds.localize.vocab import DEFAULT_DTYPE, DEFAULT_HEAD_REPR, DEFAULT_METRIC, HEAD_REPRS, METRICS, SCORE_DTYPES
 
-HEAD_REPRS = ("product", "qkv-concat")
-METRICS = ("w1", "w1-index", "kl", "js", "cosine", "euclidean")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in SCORE_DTYPES}
 KL_EPS = 1e-8
 # (stored, --dtype) pairs where the cast changes no value, so no rounding copy is needed.
 _EXACT_CASTS = {(a, a) for a in DTYPES.values()} | {
@@ -35,27 +34,21 @@ _EXACT_CASTS = {(a, a) for a in DTYPES.values()} | {
 DEFAULT_MAX_ELEMENTS = 1 << 23
 
 
-def check_choice(flag: str, value: str, choices: tuple[str, ...] | dict) -> None:
-    """One AlpsError line naming ``flag`` and its choices when ``value`` is not one of them."""
-    if value not in choices:
-        raise AlpsError(f"{flag} {value!r} is unknown; choose one of {', '.join(choices)}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
+def resolve_device(name: str, *, source: str = "device") -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU. Errors name ``source``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise AlpsError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise AlpsError(f"{source} {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise AlpsError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+        raise AlpsError(f"{source} {name}: CUDA is not available here; use cpu or auto")
     # torch.device does not check the index; the first allocation would fail with a traceback.
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise AlpsError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 and up")
+        raise AlpsError(f"{source} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 and up")
     if device.type not in ("cpu", "cuda"):
-        raise AlpsError(f"--device {name}: only cpu and cuda are supported")
+        raise AlpsError(f"{source} {name}: only cpu and cuda are supported")
     return device
 
 
@@ -199,7 +192,7 @@ def distance(pb: torch.Tensor, pt: torch.Tensor, metric: str) -> torch.Tensor:
         return 1.0 - dot / (pb.norm(dim=1) * pt.norm(dim=1))
     if metric == "euclidean":
         return (pb - pt).norm(dim=1)
-    raise AlpsError(f"--metric {metric!r} is unknown; choose one of {', '.join(METRICS)}")
+    raise AlpsError(f"metric {metric!r} is unknown; choose one of {', '.join(METRICS)}")
 
 
 class LayerScorer:
@@ -209,15 +202,15 @@ class LayerScorer:
         self,
         spec: AttentionSpec,
         *,
-        head_repr: str = "product",
-        metric: str = "w1",
-        dtype: str = "float32",
+        head_repr: str = DEFAULT_HEAD_REPR,
+        metric: str = DEFAULT_METRIC,
+        dtype: str = DEFAULT_DTYPE,
         device: torch.device | str = "cpu",
         max_elements: int = DEFAULT_MAX_ELEMENTS,
     ):
-        check_choice("--head-repr", head_repr, HEAD_REPRS)
-        check_choice("--metric", metric, METRICS)
-        check_choice("--dtype", dtype, DTYPES)
+        check_choice("head_repr", head_repr, HEAD_REPRS)
+        check_choice("metric", metric, METRICS)
+        check_choice("dtype", dtype, SCORE_DTYPES)
         self.spec = spec
         self.head_repr = head_repr
         self.metric = metric
@@ -284,7 +277,7 @@ class LayerScorer:
         if not np.isfinite(scores).all():
             bad = [h for h in range(n) if not math.isfinite(scores[h])]
             raise AlpsError(
-                f"layer {layer} heads {bad}: score is not finite (weights or head matrices overflow --dtype "
-                f"{self.dtype_name}); try --dtype float32 or float64"
+                f"layer {layer} heads {bad}: score is not finite (weights or head matrices overflow dtype "
+                f"{self.dtype_name}); score in dtype float32 or float64"
             )
         return scores

@@ -19,6 +19,7 @@ from alps_ds.hooked import (
     HeadRows,
     HookedRows,
     HookReport,
+    Ranges,
     hooked_modules,
     merge,
     others_to_train,
@@ -29,7 +30,7 @@ from alps_ds.layout import KVPolicy, trainable_rows
 from alps_ds.selection import HeadSelection
 from alps_ds.sparse.module import full_numel, reparametrize
 
-__all__ = ["apply", "hooked_modules", "merge", "model_spec", "qkv_module_names"]
+__all__ = ["apply", "hooked_modules", "merge", "model_spec", "qkv_module_names", "slice_addresses"]
 
 
 def model_spec(model: nn.Module, spec: AttentionSpec | None, who: str = "apply") -> AttentionSpec:
@@ -39,6 +40,26 @@ def model_spec(model: nn.Module, spec: AttentionSpec | None, who: str = "apply")
     if getattr(model, "config", None) is None:
         raise AlpsError(f"{who}: model has no .config; pass spec=AttentionSpec.from_config(...)")
     return AttentionSpec.from_config(model.config, source="model.config")
+
+
+def slice_addresses(model: nn.Module) -> dict[str, tuple[str, Ranges | None]]:
+    """Trainable parameter name -> (the tensor's key in the HF checkpoint, its row ranges or None for all of it).
+
+    The address of what a parameter trains, independent of how it is held: checkpoints and exports
+    key slices by it. Ranges are the module's own rows (the whole model's with no tensor parallelism).
+    """
+    hooked = dict(hooked_modules(model))
+    out: dict[str, tuple[str, Ranges | None]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        module_name, _, pname = name.rpartition(".")
+        if module_name in hooked and pname in ("head_weight", "head_bias"):
+            key = f"{module_name}.{'weight' if pname == 'head_weight' else 'bias'}"
+            out[name] = (key, hooked[module_name].ranges)
+        else:
+            out[name] = (name, None)
+    return out
 
 
 def qkv_module_names(model: nn.Module, spec: AttentionSpec) -> set[str]:

@@ -3,7 +3,9 @@
 Every key has a typed field with a default; the defaults are the paper's recipe (AdamW
 0.9/0.999, weight decay 0.1, lr 2e-5, warmup 10 %, cosine to 10 % of lr, effective batch 128,
 3 epochs). Unknown keys and ill-typed values fail with one line naming the file and the key,
-e.g. ``run.yaml: train.lr: expected a number, got 'abc'``.
+e.g. ``run.yaml: train.lr: expected a number, got 'abc'``; a value outside an enum names the key
+and its choices (``run.yaml: selection.metric: 'w2' is unknown; choose one of w1, ...``). Enums come
+from their owners (choose, localize, layout), so the run config and the CLI accept the same words.
 """
 
 from __future__ import annotations
@@ -17,9 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from alps_ds.choose import METHODS
 from alps_ds.errors import AlpsError
+from alps_ds.layout import KV_POLICIES
+from alps_ds.localize.vocab import DEFAULT_DTYPE, DEFAULT_HEAD_REPR, DEFAULT_METRIC, HEAD_REPRS, METRICS, SCORE_DTYPES
 
-SelectMethod = Literal["top-k", "random", "layer-consistent", "all", "none"]
+# ZeRO stages, and the one alps-ds uses when no DeepSpeed config says otherwise (train's default
+# DS config, and the default of `alps-ds plan --zero` and `alps-ds check --zero`).
+ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
+DEFAULT_ZERO_STAGE = 2
+
 DataFormat = Literal["auto", "alpaca", "messages", "prompt-completion"]
 Template = Literal["alpaca", "chat"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -39,12 +48,13 @@ class SelectionConfig:
     """Which heads train: a heads.json, or how to make a selection before training."""
 
     heads: str | None = None  # a heads.json; when set, everything below is ignored
-    method: SelectMethod = "top-k"  # top-k localizes base (model.path) against task
+    method: Literal[METHODS] = "top-k"  # top-k localizes base (model.path) against task
     ratio: float = 0.1
-    seed: int = 0
+    seed: int = 0  # of random / layer-consistent
     task: str | None = None  # task model for top-k
-    metric: str | None = None  # localize's default (w1, the paper's s_PAD) when unset
-    head_repr: str | None = None  # localize's default when unset
+    metric: Literal[METRICS] = DEFAULT_METRIC  # top-k's localize settings, as alps-ds localize --metric ...
+    head_repr: Literal[HEAD_REPRS] = DEFAULT_HEAD_REPR
+    dtype: Literal[SCORE_DTYPES] = DEFAULT_DTYPE  # precision weights are cast to before scoring
 
 
 @dataclass
@@ -116,11 +126,11 @@ class LoggingConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
-    kv: Literal["group", "none"] = "group"
+    kv: Literal[KV_POLICIES] = "group"
     train_others: list[str] = field(default_factory=list)  # module patterns trained in full; ["all"]: all but Q/K/V
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    deepspeed: str | dict[str, Any] | None = None  # JSON path or inline dict; None: ZeRO-2, fp32
+    deepspeed: str | dict[str, Any] | None = None  # JSON path or inline dict; None: ZeRO DEFAULT_ZERO_STAGE, fp32
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -149,22 +159,10 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _coerce(value, option, key, src)
-            except AlpsError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        names = " or ".join(_type_name(o) for o in options)
-        raise bad(names + (" or null" if type(None) in args else ""))
+        return _coerce_union(value, args, key, src, bad)
     if origin is Literal:
         if value not in args:
-            raise bad("one of " + ", ".join(map(str, args)))
+            raise AlpsError(f"{src}: {key}: {_describe(value)} is unknown; choose one of {', '.join(map(str, args))}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -182,44 +180,74 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
         if not isinstance(value, dict):
             raise bad("a mapping")
         return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
-            return value.lower() in ("true", "yes", "on")
-        raise bad("true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
+    if tp not in _SCALARS:
+        raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this file, not user input
+    return _SCALARS[tp](value, bad)
+
+
+def _coerce_union(value: Any, args: tuple, key: str, src: str, bad) -> Any:
+    """The first option of ``A | B | None`` that takes ``value``; one option's own error when it is the only one."""
+    if value is None and type(None) in args:
+        return None
+    options = [a for a in args if a is not type(None)]
+    errors = []
+    for option in options:
+        try:
+            return _coerce(value, option, key, src)
+        except AlpsError as e:
+            errors.append(e)
+    if len(errors) == 1:
+        raise errors[0]
+    names = " or ".join(_type_name(o) for o in options)
+    raise bad(names + (" or null" if type(None) in args else ""))
+
+
+def _to_bool(value: Any, bad) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return value.lower() in ("true", "yes", "on")
+    raise bad("true or false")
+
+
+def _to_int(value: Any, bad) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise bad("an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        except ValueError:
+            pass
+    raise bad("an integer")
+
+
+def _to_float(value: Any, bad) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str):
+        # YAML 1.1 reads 2e-5 (no dot) as a string; accept it as the number the user meant.
+        try:
             out = float(value)
-        elif isinstance(value, str):
-            # YAML 1.1 reads 2e-5 (no dot) as a string; accept it as the number the user meant.
-            try:
-                out = float(value)
-            except ValueError:
-                raise bad("a number") from None
-        else:
-            raise bad("a number")
-        if not math.isfinite(out):
-            raise bad("a finite number")
-        return out
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad("a string")
-    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this file, not user input
+        except ValueError:
+            raise bad("a number") from None
+    else:
+        raise bad("a number")
+    if not math.isfinite(out):
+        raise bad("a finite number")
+    return out
+
+
+def _to_str(value: Any, bad) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise bad("a string")
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _type_name(tp: Any) -> str:

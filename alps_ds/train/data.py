@@ -4,8 +4,8 @@ Formats: ``alpaca`` (instruction / input / output), ``messages`` (a chat: list o
 and ``prompt-completion``. Templates: the paper's Alpaca-style prompt or the tokenizer's own chat
 template. Only response tokens carry labels; prompt tokens are -100. Batches are deterministic
 in (seed, epoch, step): every optimizer step takes the next contiguous block of a seeded
-permutation and each rank takes every ``world``-th example of it, so a resumed run sees the
-same examples in the same order as an uninterrupted one.
+permutation, cut into micro-batches, and each rank takes every ``world``-th micro-batch, so a
+resumed run (on any number of ranks) runs the same micro-batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -334,8 +334,10 @@ class StepPlan:
         epoch, local = divmod(step, self.steps_per_epoch)
         order = self.order(epoch) if order is None else order
         block = order[local * self.global_batch : (local + 1) * self.global_batch]
-        mine = block[rank :: self.world]
-        return [mine[i * self.micro_batch : (i + 1) * self.micro_batch] for i in range(self.grad_accum)]
+        # The block's micro-batches do not depend on the world size (only on micro_batch); rank r runs
+        # every world-th one. A resume on another number of ranks thus averages the same micro-batch losses.
+        micro = [block[i * self.micro_batch : (i + 1) * self.micro_batch] for i in range(self.grad_accum * self.world)]
+        return micro[rank :: self.world]
 
     def iterate(self, start_step: int, rank: int) -> Iterator[tuple[int, list[list[int]]]]:
         """(step, micro-batches) from ``start_step`` on, forever (epochs wrap)."""

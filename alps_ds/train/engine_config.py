@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from alps_ds.errors import AlpsError
-from alps_ds.train.config import RunConfig
+from alps_ds.train.config import DEFAULT_ZERO_STAGE, ZERO_STAGES, RunConfig
 
 # The run config owns these DeepSpeed keys; a DS JSON may leave them out, say "auto", or repeat the same value.
 _DS_OWNED = {
@@ -19,7 +19,7 @@ _DS_OWNED = {
     "train_batch_size": "train.batch",
     "gradient_clipping": "train.grad_clip",
 }
-DEFAULT_DS_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 2}}
+DEFAULT_DS_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": DEFAULT_ZERO_STAGE}}
 
 
 def deepspeed_config(cfg: RunConfig, grad_accum: int) -> dict[str, Any]:
@@ -44,8 +44,8 @@ def deepspeed_config(cfg: RunConfig, grad_accum: int) -> dict[str, Any]:
         if not isinstance(ds.get(section, {}), dict):
             raise AlpsError(f'{src}: {section}: expected a JSON object, e.g. {{"stage": 2}} or {{"enabled": true}}')
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
-        raise AlpsError(f"{src}: zero_optimization.stage is {stage!r}; use 0, 1, 2 or 3")
+    if stage not in ZERO_STAGES or isinstance(stage, bool):
+        raise AlpsError(f"{src}: zero_optimization.stage is {stage!r}; use one of {', '.join(map(str, ZERO_STAGES))}")
     t = cfg.train
     wanted = {
         "train_micro_batch_size_per_gpu": t.micro_batch,

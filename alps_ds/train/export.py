@@ -51,17 +51,14 @@ def trained_tensors(engine) -> dict[str, torch.Tensor]:
 
 def merged_updates(engine, trained: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
     """Base checkpoint key -> (row indices or None for the whole tensor, new values)."""
-    from alps_ds.sparse import hooked_modules
+    from alps_ds.sparse.hook import slice_addresses
+    from alps_ds.sparse.module import row_index
 
+    addresses = slice_addresses(engine.module)
     updates: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
-    hooked = dict(hooked_modules(engine.module))
     for name, value in trained.items():
-        module_name, _, pname = name.rpartition(".")
-        if module_name in hooked and pname in ("head_weight", "head_bias"):
-            target = f"{module_name}.{'weight' if pname == 'head_weight' else 'bias'}"
-            updates[target] = (hooked[module_name].rows.cpu(), value)
-        else:
-            updates[name] = (None, value)
+        key, ranges = addresses[name]
+        updates[key] = (None if ranges is None else row_index(ranges), value)
     return updates
 
 

@@ -1,4 +1,8 @@
-"""The run's head selection: a given heads.json, a baseline (random, layer-consistent, all, none) or top-k."""
+"""The run's head selection: a given heads.json, a baseline (random, layer-consistent, all, none) or top-k.
+
+Top-k and the baselines are made by :mod:`alps_ds.localize.make`, the functions ``alps-ds localize``
+uses, so OUT/heads.json records the same provenance as a heads.json written by that command.
+"""
 
 from __future__ import annotations
 
@@ -10,46 +14,39 @@ from alps_ds.train.distributed import on_rank0
 
 def resolve_selection(cfg: RunConfig, spec, model_dir: Path, out: Path, rank: int, resume: bool):
     """The run's HeadSelection, saved as OUT/heads.json by rank 0 (a resumed run reuses that file)."""
-    from alps_ds.choose import choose
-    from alps_ds.selection import HeadSelection, Provenance
+    from alps_ds.localize.make import choose_selection
+    from alps_ds.selection import HeadSelection
 
     saved = out / "heads.json"
-    sel_cfg = cfg.selection
+    s = cfg.selection
     if resume and saved.exists():
         return HeadSelection.load(saved, spec=spec)
-    if sel_cfg.heads:
-        selection = HeadSelection.load(sel_cfg.heads, spec=spec)
-    elif sel_cfg.method == "top-k":
-        selection = on_rank0(lambda: localize_selection(cfg, model_dir, spec), rank)
+    if s.heads:
+        selection = HeadSelection.load(s.heads, spec=spec)
+    elif s.method == "top-k":
+        selection = on_rank0(lambda: localize_selection(cfg, model_dir), rank)
     else:
-        heads = choose(
-            sel_cfg.method,
-            num_layers=spec.num_layers,
-            num_heads=spec.num_heads,
-            ratio=sel_cfg.ratio,
-            seed=sel_cfg.seed,
-        )
-        ratio = None if sel_cfg.method in ("all", "none") else sel_cfg.ratio
-        provenance = Provenance(select=sel_cfg.method, ratio=ratio, seed=sel_cfg.seed, base=cfg.model.path)
-        selection = HeadSelection(spec.fingerprint, tuple(heads), provenance)
+        selection = choose_selection(spec.fingerprint, s.method, ratio=s.ratio, seed=s.seed, base=cfg.model.path)
     if rank == 0:
         selection.save(saved)
     return selection
 
 
-def localize_selection(cfg: RunConfig, model_dir: Path, spec):
-    """Top-k heads of base (the model) vs task by alps_ds.localize (rank 0 only)."""
-    from alps_ds.choose import choose
-    from alps_ds.localize import localize_scores
-    from alps_ds.localize.score import HEAD_REPRS, METRICS
-    from alps_ds.selection import HeadSelection, Provenance
+def localize_selection(cfg: RunConfig, model_dir: Path):
+    """Top-k heads of base (the model, read from ``model_dir``) vs task, as ``alps-ds localize`` makes them
+    (rank 0 only)."""
+    from alps_ds.localize.make import make_selection
 
     s = cfg.selection
-    metric, head_repr = s.metric or METRICS[0], s.head_repr or HEAD_REPRS[0]  # unset: localize's defaults
-    result = localize_scores(str(model_dir), s.task, metric=metric, head_repr=head_repr, progress=cfg.logging.progress)
-    heads = choose("top-k", num_layers=spec.num_layers, num_heads=spec.num_heads, ratio=s.ratio, scores=result.scores)
-    provenance = Provenance(
-        select="top-k", metric=metric, head_repr=head_repr, ratio=s.ratio, base=cfg.model.path, task=s.task
+    made = make_selection(
+        model_dir,
+        s.task,
+        method="top-k",
+        ratio=s.ratio,
+        metric=s.metric,
+        head_repr=s.head_repr,
+        dtype=s.dtype,
+        progress=cfg.logging.progress,
+        base_label=cfg.model.path,
     )
-    scores = tuple(tuple(float(x) for x in row) for row in result.scores)
-    return HeadSelection(spec.fingerprint, tuple(heads), provenance, scores)
+    return made.selection

@@ -71,16 +71,21 @@ def written_tp(tag_dir: Path) -> int:
     return max(1, len(ranks))
 
 
-def check_resume(ckpt_dir: Path, latest: dict[str, Any] | None, cfg: RunConfig) -> None:
-    """Refuse a resume on another TP size: the slices are saved per TP rank (every rank raises alike)."""
-    if latest is None:
-        return
+def check_resume_tp(ckpt_dir: Path, latest: dict[str, Any], cfg: RunConfig, world: int, stage: int) -> None:
+    """Refuse a resume that changes the TP size, or (under TP) the world size or ZeRO stage: the slices are
+    saved per TP rank and no elastic state is written for a TP run. Every rank raises alike."""
     tag_dir = ckpt_dir / latest["tag"]
-    have = written_tp(tag_dir)
-    if have != cfg.parallel.tp:
+    have, tp = written_tp(tag_dir), cfg.parallel.tp
+    if have != tp:
         raise AlpsError(
-            f"{tag_dir}: checkpoint written with parallel.tp {have}, this run has parallel.tp {cfg.parallel.tp}; "
+            f"{tag_dir}: checkpoint written with parallel.tp {have}, this run has parallel.tp {tp}; "
             f"resume with --set parallel.tp={have} (the slices and their Adam moments are saved per TP rank)"
+        )
+    was = (latest["world_size"], latest["zero_stage"])
+    if tp > 1 and was != (world, stage) and None not in was:
+        raise AlpsError(
+            f"{tag_dir}: a parallel.tp {tp} checkpoint resumes only on its own {was[0]} ranks with ZeRO-{was[1]} "
+            f"(this run: {world} ranks, ZeRO-{stage}); elastic resume is not supported under tensor parallelism"
         )
 
 
@@ -135,7 +140,7 @@ def export(cfg: RunConfig, engine, selection, model_dir: Path, out: Path, rank: 
         if merged_dir is not None:
             plain.write_merged(model_dir, merged_dir, rows)
         if adapter_dir is not None:
-            write_full_adapter(adapter_dir, rows, spec, selection, cfg.kv, dtype)
+            write_full_adapter(adapter_dir, rows, spec, selection, cfg.kv, dtype, model_dir)
 
     on_rank0(write, rank)
     barrier()
@@ -205,9 +210,10 @@ def check_rows(rows, spec, selection, kv) -> None:
         )
 
 
-def write_full_adapter(adapter_dir: Path, rows, spec, selection, kv, dtype: torch.dtype) -> None:
+def write_full_adapter(adapter_dir: Path, rows, spec, selection, kv, dtype: torch.dtype, model_dir: Path) -> None:
     """OUT/adapter from the gathered full rows: the same layout (and the training dtype) a tp 1 run writes."""
     from alps_ds.adapter import AdapterModule, write_adapter
+    from alps_ds.digest import base_record
 
     entries, tensors = [], {}
     for key, mr in expected_rows(spec, selection, kv).items():
@@ -218,4 +224,4 @@ def write_full_adapter(adapter_dir: Path, rows, spec, selection, kv, dtype: torc
         tensors[key] = rows[key][1].to(dtype).contiguous()
         if spec.qkv_bias:
             tensors[f"{module}.bias"] = rows[f"{module}.bias"][1].to(dtype).contiguous()
-    write_adapter(adapter_dir, selection, kv, entries, tensors)
+    write_adapter(adapter_dir, selection, kv, entries, tensors, base=base_record(model_dir))

@@ -74,11 +74,17 @@ def run_case(stage: int, n: int, g: int, heads: list) -> dict:
         "rank": dist.get_rank(),
         "hooked": {m.name: [list(r) for r in m.ranges] for m in report.modules},
         "report_per_kind": report.per_kind,
+        "report_global": {m.name: [list(r) for r in _global_ranges(spec, m)] for m in report.modules},
         "trainable": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
         "still_hooked": still_hooked,
         "per_kind": alps_ds.trainable_report(engine.module).per_kind,
     }
-    ref_losses, ref_norms, ref_after = reference(config, spec, selection, ids)
+    # merge is engine-agnostic: AutoTP's own layers come back with this rank's trained rows in them
+    alps_ds.merge(engine.module)
+    after_merge = autotp.gather_qkv(engine.module, spec)
+    info["merge_kept_rows"] = all(torch.equal(after_merge[k], v) for k, v in after.items())
+    info["left_hooked"] = sum(isinstance(m, alps_ds.hooked.HeadRows) for m in engine.module.modules())
+    ref_losses, ref_norms, ref_after, ref_report = reference(config, spec, selection, ids)
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, info)
     return {
@@ -95,7 +101,15 @@ def run_case(stage: int, n: int, g: int, heads: list) -> dict:
         "norms": norms,
         "ref_norms": ref_norms,
         "ref_after": {k: v.tolist() for k, v in ref_after.items()},
+        "ref_per_kind": ref_report.per_kind,
+        "ref_rows": {m.name: [list(r) for r in m.ranges] for m in ref_report.modules},
     }
+
+
+def _global_ranges(spec, hooked):
+    """A hooked shard's LOCAL row ranges as rows of the unsharded weight (arch.py's AutoTP split)."""
+    (start, _), *_ = spec.tp_segments("autotp", hooked.module, hooked.tp_size, hooked.tp_rank)
+    return [(start + a, start + b) for a, b in hooked.ranges]
 
 
 def reference(config, spec, selection, ids):
@@ -105,7 +119,7 @@ def reference(config, spec, selection, ids):
     from alps_ds.tiny import build_model
 
     model = build_model(config, seed=0)
-    sparse.apply(model, selection)
+    report = sparse.apply(model, selection)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     losses, norms = [], []
@@ -118,7 +132,8 @@ def reference(config, spec, selection, ids):
         losses.append(loss.item())
     sparse.merge(model)
     state = model.state_dict()
-    return losses, norms, {k: state[k].detach() for k in sorted(state) if k.rpartition(".")[0].endswith(spec.modules)}
+    after = {k: state[k].detach() for k in sorted(state) if k.rpartition(".")[0].endswith(spec.modules)}
+    return losses, norms, after, report
 
 
 def main() -> None:

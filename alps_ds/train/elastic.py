@@ -1,0 +1,183 @@
+"""Elastic training state: every trained slice with its fp32 master and optimizer moments, in a layout no
+partitioning shapes, so a checkpoint resumes on another number of ranks or another ZeRO stage.
+
+DeepSpeed's own checkpoint files are partitioned per rank (and laid out differently per ZeRO stage); an
+ALPS run trains only small slices, so each checkpoint tag also holds them whole, keyed by what they are:
+
+- ``alps_elastic.json``: format, step, optimizer step, LR scheduler state, the writing run's world size,
+  ZeRO stage and global batch, the optimizer state keys, and per slice its HF checkpoint key
+  (``model.layers.0.self_attn.q_proj.weight``), row ranges of that tensor (null: all of it), shape and file.
+- ``alps_slices-RRRRR-of-WWWWW.safetensors``: one file per writing rank (rank r holds every world-th slice,
+  so no rank keeps them all), tensors ``KEY/fp32`` and ``KEY/<state key>`` (``exp_avg``, ``exp_avg_sq``).
+
+Values go through DeepSpeed's tensor-fragment API (``safe_get_full_fp32_param``,
+``safe_set_full_optimizer_state``, ...), which works the same on ZeRO 1, 2 and 3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alps_ds.errors import AlpsError
+from alps_ds.fsutil import atomic_file, atomic_write_text
+
+META = "alps_elastic.json"
+FORMAT = "alps-elastic/1"
+
+
+def exists(tag_dir: Path) -> bool:
+    return (tag_dir / META).exists()
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"alps_slices-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def _inner(engine):
+    """The torch optimizer DeepSpeed's ZeRO optimizer drives (its parameters are the flat fp32 partitions)."""
+    return engine.optimizer.optimizer
+
+
+def _state_keys(engine) -> list[str]:
+    """Per-element optimizer state (Adam: exp_avg, exp_avg_sq); empty before the first step."""
+    states = list(_inner(engine).state.values())
+    if not states:
+        return []
+    return sorted(k for k, v in states[0].items() if torch.is_tensor(v) and v.dim() > 0)
+
+
+def _optimizer_step(engine) -> int:
+    steps = [st["step"] for st in _inner(engine).state.values() if "step" in st]
+    return int(float(steps[0])) if steps else 0
+
+
+def _trained(engine) -> list[tuple[torch.nn.Parameter, str, Any]]:
+    """(parameter, HF key, row ranges or None) of every trainable parameter, in module order."""
+    from alps_ds.sparse.hook import slice_addresses
+
+    params = dict(engine.module.named_parameters())
+    return [(params[name], key, ranges) for name, (key, ranges) in slice_addresses(engine.module).items()]
+
+
+def save(engine, tag_dir: Path, step: int, rank: int, world: int) -> None:
+    """Write this rank's share of the slices; rank 0 also writes the metadata. Collective (every rank gathers
+    every slice, in the same order)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from safetensors.torch import save
+
+    from alps_ds.sparse.module import full_shape
+
+    keys = _state_keys(engine)
+    mine: dict[str, torch.Tensor] = {}
+    slices: dict[str, Any] = {}
+    for i, (p, key, ranges) in enumerate(_trained(engine)):
+        values = {"fp32": safe_get_full_fp32_param(p)}
+        values.update({k: safe_get_full_optimizer_state(p, k) for k in keys})
+        owner = i % world
+        rows = None if ranges is None else [list(r) for r in ranges]
+        slices[key] = {"rows": rows, "shape": list(full_shape(p)), "file": shard_name(owner, world)}
+        if rank == owner:
+            mine.update({f"{key}/{k}": v.detach().float().cpu().reshape(full_shape(p)) for k, v in values.items()})
+    with atomic_file(tag_dir / shard_name(rank, world), "wb") as f:
+        f.write(save(mine, metadata={"format": FORMAT}))
+    if rank == 0:
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "optimizer_step": _optimizer_step(engine),
+            "scheduler": engine.lr_scheduler.state_dict(),
+            "world_size": world,
+            "zero_stage": engine.zero_optimization_stage(),
+            "batch": engine.train_batch_size(),
+            "state_keys": keys,
+            "slices": slices,
+        }
+        atomic_write_text(tag_dir / META, json.dumps(meta, indent=1) + "\n")
+
+
+def read_meta(tag_dir: Path) -> dict[str, Any]:
+    path = tag_dir / META
+    try:
+        meta = json.loads(path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+        missing = [k for k in ("step", "optimizer_step", "scheduler", "batch", "state_keys", "slices") if k not in meta]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        return meta
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise AlpsError(f"{path}: unreadable elastic checkpoint state ({e}); resume on the run's own ranks") from e
+
+
+def check_slices(tag_dir: Path, meta: dict[str, Any], trained) -> None:
+    """The checkpoint holds exactly the slices this run trains (same tensors, same rows)."""
+    have = {key: None if ranges is None else [list(r) for r in ranges] for _, key, ranges in trained}
+    saved = {key: entry["rows"] for key, entry in meta["slices"].items()}
+    if have != saved:
+        diff = sorted(k for k in have.keys() | saved.keys() if have.get(k, "-") != saved.get(k, "-"))
+        raise AlpsError(
+            f"{tag_dir / META}: the checkpoint's trained slices differ from this run's ({', '.join(diff[:3])}); "
+            "resume with the run's own heads.json, kv and train_others"
+        )
+
+
+def _materialize_state(engine) -> None:
+    """Create the optimizer state (torch creates it lazily, at the first step) through one optimizer step of
+    zero gradients at lr 0 taken by the engine itself, so every ZeRO stage lays it out its own way; the values,
+    the step counts and the schedule are all overwritten right after."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+    ids = torch.zeros((1, 2), dtype=torch.long, device=engine.device)
+    for _ in range(engine.gradient_accumulation_steps()):
+        engine.backward(engine(input_ids=ids).logits.float().sum() * 0.0)
+        engine.step()
+
+
+def load(engine, tag_dir: Path) -> None:
+    """Load the slices, their optimizer state and step, the LR schedule and DeepSpeed's step counters into
+    ``engine`` (any world size, ZeRO stage 1-3). Collective."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from safetensors import safe_open
+
+    from alps_ds.sparse.module import gathered
+
+    meta = read_meta(tag_dir)
+    trained = _trained(engine)
+    check_slices(tag_dir, meta, trained)
+    _materialize_state(engine)
+    keys = meta["state_keys"]
+    if keys and keys != _state_keys(engine):
+        raise AlpsError(
+            f"{tag_dir / META}: optimizer state {keys} does not fit this run's optimizer ({_state_keys(engine)}); "
+            "resume with the optimizer that wrote it"
+        )
+    with contextlib.ExitStack() as stack:
+        files: dict[str, Any] = {}
+        for p, key, _ in trained:
+            name = meta["slices"][key]["file"]
+            try:
+                if name not in files:
+                    files[name] = stack.enter_context(safe_open(str(tag_dir / name), "pt"))
+                values = {k: files[name].get_tensor(f"{key}/{k}") for k in ("fp32", *keys)}
+            except Exception as e:  # safetensors raises its own error types for a missing or damaged file
+                raise AlpsError(f"{tag_dir / name}: cannot read slice {key} ({type(e).__name__}: {e})") from e
+            with torch.no_grad(), gathered([p], modify=True):  # the module's copy the forward uses
+                p.data.copy_(values["fp32"].reshape(p.shape).to(p.dtype))
+            safe_set_full_fp32_param(p, values["fp32"])
+            for k in keys:
+                safe_set_full_optimizer_state(p, values[k], k)
+    for st in _inner(engine).state.values():
+        if "step" in st:
+            n = meta["optimizer_step"]
+            st["step"] = torch.full_like(st["step"], n) if torch.is_tensor(st["step"]) else n
+    scheduler = engine.lr_scheduler
+    scheduler.load_state_dict(meta["scheduler"])
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # load_state_dict restores the schedule's position, not the lr it last set
+    engine.global_steps = meta["step"]
+    engine.global_samples = meta["step"] * meta["batch"]

@@ -154,16 +154,13 @@ def apply(
     kv: KVPolicy = "group",
     train_others: Iterable[str] | str = (),
     spec: AttentionSpec | None = None,
-    same_modules: bool = False,
 ) -> HookReport:
     """Hook this rank's selected LOCAL q/k/v rows of a model sharded by :func:`shard`.
 
     Freezes every parameter; the only trainable ones are the slices (one per hooked shard,
     marked ``tensor_model_parallel``). The TP size and rank are DeepSpeed's (set by ``shard``).
     ``train_others`` is refused: replicated parameters would need AutoTP's gradient hooks.
-    ``same_modules``: also wrap, with a frozen one-row placeholder slice, each q/k/v module that
-    another TP rank trains and this one does not, so every rank has the same parameters (ZeRO-3
-    checks that all ranks record the same parameter trace: "Detected a disagreement on list contents").
+    Under ZeRO-3 call :func:`pad_modules` next.
     """
     from deepspeed.utils import groups
 
@@ -198,8 +195,6 @@ def apply(
         mod.describe(info, selection, kv)
         set_submodule(model, name, mod)
         hooked.append(info)
-    if same_modules:
-        _placeholders(model, spec, result, rank)
     # Every TP rank must run the same backward collectives (ColumnParallel all-reduces the input
     # gradient). Which activations require grad would otherwise differ by rank: a rank holding
     # no selected rows of layer 0 sees no gradient path until a later layer, and gloo aborts
@@ -209,9 +204,19 @@ def apply(
     return HookReport("autotp", kv, tuple(hooked))
 
 
-def _placeholders(model: nn.Module, spec: AttentionSpec, result: ParallelPlan, rank: int) -> None:
-    """Wrap the q/k/v modules other TP ranks train but ``rank`` does not with a frozen slice of local
-    row 0 (the forward recomputes row 0 from its own frozen values; nothing trains, no optimizer state)."""
+def pad_modules(
+    model: nn.Module, selection: HeadSelection, *, kv: KVPolicy = "group", spec: AttentionSpec | None = None
+) -> None:
+    """After :func:`apply`: wrap each q/k/v module another TP rank trains and this one does not with a
+    frozen slice of local row 0, so every rank has the same parameters. ZeRO-3 checks that all ranks
+    record the same parameter trace and otherwise stops the first forward with "Detected a disagreement
+    on list contents" (seen here). The forward recomputes row 0 from its own frozen values; nothing
+    trains, no optimizer state."""
+    from deepspeed.utils import groups
+
+    spec = model_spec(model, spec, "AutoTP pad_modules")
+    tp_size, rank = groups.get_tensor_model_parallel_world_size(), groups.get_tensor_model_parallel_rank()
+    result = plan(spec, selection.heads, tp=tp_size, layout="autotp", kv=kv)
     mine = {(e.layer, e.module) for e in result.entries if e.tp_rank == rank}
     for layer, module in sorted({(e.layer, e.module) for e in result.entries} - mine):
         name = spec.module_path(layer, module)

@@ -92,7 +92,7 @@ def check_resume_tp(ckpt_dir: Path, latest: dict[str, Any], cfg: RunConfig, worl
 def hook(model, selection, cfg: RunConfig, spec, stage: int):
     """Hook ``model`` for ``selection`` (AutoTP-sharded first when tp > 1); returns the trainable report of
     the whole model (a TP rank's own elements summed over its TP group, the size of the unsharded model).
-    Under ZeRO-3 every TP rank wraps the same modules (see ``autotp.apply``'s ``same_modules``)."""
+    Under ZeRO-3 every TP rank wraps the same modules (``autotp.pad_modules``)."""
     from alps_ds.sparse import apply, trainable_report
 
     tp = cfg.parallel.tp
@@ -106,7 +106,9 @@ def hook(model, selection, cfg: RunConfig, spec, stage: int):
 
     total = trainable_report(model).total
     autotp.shard(model, tp, spec, selection=selection, kv=cfg.kv)
-    autotp.apply(model, selection, kv=cfg.kv, train_others=tuple(cfg.train_others), spec=spec, same_modules=stage == 3)
+    autotp.apply(model, selection, kv=cfg.kv, train_others=tuple(cfg.train_others), spec=spec)
+    if stage == 3:
+        autotp.pad_modules(model, selection, kv=cfg.kv, spec=spec)
     local = trainable_report(model)
     counts = torch.tensor([local.trainable, *local.per_kind.values()], dtype=torch.int64)
     dist.all_reduce(counts, group=groups.get_tensor_model_parallel_group())

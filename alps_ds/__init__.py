@@ -13,11 +13,13 @@ _LAZY = {
     "reparametrize": "alps_ds.sparse",
     "trainable_report": "alps_ds.sparse",
     "HeadRowsLinear": "alps_ds.sparse",
+    "HookReport": "alps_ds.hooked",
     "TrainableReport": "alps_ds.sparse",
     "save_adapter": "alps_ds.adapter",
     "load_adapter": "alps_ds.adapter",
     "merge_adapter_into_checkpoint": "alps_ds.adapter",
     "to_peft_lora": "alps_ds.peft_lora",
+    "base_weights": "alps_ds.integrations.reference",
 }
 
 
@@ -36,11 +38,13 @@ __all__ = [
     "AttentionSpec",
     "HeadRowsLinear",
     "HeadSelection",
+    "HookReport",
     "ModelFingerprint",
     "Provenance",
     "TrainableReport",
     "__version__",
     "apply",
+    "base_weights",
     "load_adapter",
     "merge",
     "merge_adapter_into_checkpoint",

@@ -277,31 +277,13 @@ def _shard_map(base: Path) -> dict[str, str]:
     raise AlpsError(f"{base}: no {INDEX_FILE} or {SINGLE_FILE}; point --base to a safetensors HF checkpoint")
 
 
-def merge_adapter_into_checkpoint(
-    base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True
-) -> Path:
-    """Write ``out_dir``: ``base_dir`` with the adapter's rows merged in, one shard in memory at a time.
+_Rows = dict[str, tuple[tuple[tuple[int, int], ...], torch.Tensor]]  # tensor key -> (row ranges, rows)
 
-    Shards without Q/K/V tensors of the adapter, the index, config and tokenizer files are
-    copied byte for byte; only shards holding adapted tensors are rewritten (same tensor names,
-    shapes, dtypes, metadata), so the index stays valid. Written atomically. A base other than the
-    one the adapter was trained on is refused (Q/K/V digest; adapters without one are merged as before).
-    """
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
-    from tqdm import tqdm
 
-    from alps_ds.digest import check_base
-
-    base, out = Path(base_dir), Path(out_dir)
-    if out.resolve() == base.resolve():
-        raise AlpsError(f"{out}: --out must differ from --base; the base checkpoint is never overwritten")
-    adapter = Adapter.read(adapter_dir)
-    spec = AttentionSpec.from_pretrained(base)
-    adapter.selection.check_model(spec, source=str(adapter_dir))
-    check_base(adapter.base, base, owner=str(adapter_dir))
+def _merge_edits(adapter: Adapter, base: Path) -> dict[str, _Rows]:
+    """Shard file name -> the adapter rows merged into it; refuses a key or shard ``base`` lacks."""
     shard_of = _shard_map(base)
-    edits: dict[str, dict[str, tuple[tuple[tuple[int, int], ...], torch.Tensor]]] = {}
+    edits: dict[str, _Rows] = {}
     for m in adapter.modules:
         for leaf in ("weight", "bias") if m.bias else ("weight",):
             key = f"{m.module}.{leaf}"
@@ -315,28 +297,62 @@ def merge_adapter_into_checkpoint(
             f"{base}: shard {missing[0]} (holding {next(iter(edits[missing[0]]))}) is missing; "
             "copy the complete checkpoint"
         )
+    return edits
+
+
+def _merge_shard(entry: Path, target: Path, edits: _Rows) -> None:
+    """Write shard ``entry`` to ``target`` with ``edits`` (key -> row ranges, rows) copied in; same names,
+    shapes, dtypes and metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(entry), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    for key, (ranges, rows) in edits.items():
+        t = tensors.get(key)
+        if t is None:
+            raise AlpsError(f"{entry}: no tensor {key}, though the index puts it here; re-save the base")
+        if t.shape[0] < ranges[-1][1] or (t.dim() == 2 and t.shape[1] != rows.shape[1]):
+            raise AlpsError(f"{entry}: tensor {key} {tuple(t.shape)} does not fit the adapter rows")
+        tensors[key] = t.index_copy(0, row_index(ranges), rows.to(t.dtype))
+    save_file(tensors, str(target), metadata=metadata)
+
+
+def merge_adapter_into_checkpoint(
+    base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True
+) -> Path:
+    """Write ``out_dir``: ``base_dir`` with the adapter's rows merged in, one shard in memory at a time.
+
+    Shards without Q/K/V tensors of the adapter, the index, config and tokenizer files are
+    copied byte for byte; only shards holding adapted tensors are rewritten (same tensor names,
+    shapes, dtypes, metadata), so the index stays valid. Written atomically. A base other than the
+    one the adapter was trained on is refused (Q/K/V digest; adapters without one are merged as before).
+    """
+    from safetensors import SafetensorError
+    from tqdm import tqdm
+
+    from alps_ds.digest import check_base
+
+    base, out = Path(base_dir), Path(out_dir)
+    if out.resolve() == base.resolve():
+        raise AlpsError(f"{out}: --out must differ from --base; the base checkpoint is never overwritten")
+    adapter = Adapter.read(adapter_dir)
+    spec = AttentionSpec.from_pretrained(base)
+    adapter.selection.check_model(spec, source=str(adapter_dir))
+    check_base(adapter.base, base, owner=str(adapter_dir))
+    edits = _merge_edits(adapter, base)
     try:
         with atomic_dir(out) as tmp:
             entries = sorted(base.iterdir())
             for entry in tqdm(entries, desc="merge", unit="file", disable=not progress):
                 target = tmp / entry.name
-                if entry.name not in edits:
-                    if entry.is_dir():
-                        shutil.copytree(entry, target)
-                    else:
-                        shutil.copy2(entry, target)
-                    continue
-                with safe_open(str(entry), "pt") as f:
-                    metadata = f.metadata()
-                    tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-                for key, (ranges, rows) in edits[entry.name].items():
-                    t = tensors.get(key)
-                    if t is None:
-                        raise AlpsError(f"{entry}: no tensor {key}, though the index puts it here; re-save the base")
-                    if t.shape[0] < ranges[-1][1] or (t.dim() == 2 and t.shape[1] != rows.shape[1]):
-                        raise AlpsError(f"{entry}: tensor {key} {tuple(t.shape)} does not fit the adapter rows")
-                    tensors[key] = t.index_copy(0, row_index(ranges), rows.to(t.dtype))
-                save_file(tensors, str(target), metadata=metadata)
+                if entry.name in edits:
+                    _merge_shard(entry, target, edits[entry.name])
+                elif entry.is_dir():
+                    shutil.copytree(entry, target)
+                else:
+                    shutil.copy2(entry, target)
     except (OSError, SafetensorError) as e:  # disk full, read-only, quota: the old --out is still in place
         raise AlpsError(
             f"{out}: cannot write the merged checkpoint ({e}); nothing there was changed: free space or pick a "

@@ -16,7 +16,7 @@ from typing import Any
 
 from alps_ds.arch import AttentionSpec, balanced_split, read_config
 from alps_ds.choose import count_for_ratio
-from alps_ds.errors import AlpsError
+from alps_ds.errors import AlpsError, check_choice
 from alps_ds.layout import KVPolicy, matches_train_others
 from alps_ds.parallel.mapping import plan as parallel_plan
 from alps_ds.train.config import DEFAULT_ZERO_STAGE, ZERO_STAGES
@@ -134,8 +134,11 @@ def module_elements(spec: AttentionSpec, heads: Sequence[Head], kv: KVPolicy = "
     return {spec.module_path(e.layer, e.module): grid.elements(e) for e in grid.entries}
 
 
-def train_others_params(params: dict[str, int], spec: AttentionSpec, patterns: Sequence[str]) -> set[str]:
-    """Names of parameters outside Q/K/V that ``train_others`` trains in full (error on a pattern matching none)."""
+def train_others_params(
+    params: dict[str, int], spec: AttentionSpec, patterns: Sequence[str], source: str = "train_others"
+) -> set[str]:
+    """Names of parameters outside Q/K/V that ``train_others`` trains in full; a pattern matching none is
+    an error naming ``source`` (the argument, key or flag the patterns came from)."""
     if not patterns:
         return set()
     qkv = {spec.module_path(layer, m) for layer in range(spec.num_layers) for m in spec.modules}
@@ -144,7 +147,7 @@ def train_others_params(params: dict[str, int], spec: AttentionSpec, patterns: S
         hits = {name for name in params if name.rpartition(".")[0] not in qkv and matches_train_others(pat, name)}
         if not hits:
             raise AlpsError(
-                f"--train-others {pat!r} matches no parameter outside Q/K/V; "
+                f"{source} {pat!r} matches no parameter outside Q/K/V; "
                 "use module names such as mlp, o_proj, norm, embed_tokens, lm_head, or 'all'"
             )
         chosen |= hits
@@ -163,11 +166,11 @@ class Parallel:
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp"):
             if getattr(self, name) < 1:
-                raise AlpsError(f"--{name} must be at least 1")
+                raise AlpsError(f"{name} {getattr(self, name)!r} must be at least 1")
         if self.zero not in ZERO_STAGES:
-            raise AlpsError(f"--zero {self.zero} is not a ZeRO stage; use 0, 1, 2 or 3")
+            raise AlpsError(f"zero {self.zero!r} is not a ZeRO stage; use {', '.join(map(str, ZERO_STAGES))}")
         if self.offload and self.zero == 0:
-            raise AlpsError("--offload needs ZeRO stage 1, 2 or 3 (optimizer offload is a ZeRO feature)")
+            raise AlpsError("offload needs zero 1, 2 or 3, not 0 (optimizer offload is a ZeRO feature)")
 
     @property
     def world(self) -> int:
@@ -311,6 +314,110 @@ def activation_bytes(
     return total
 
 
+@dataclass(frozen=True)
+class _Stages:
+    """What each pipeline stage holds, for the byte terms of its ranks (one tensor-parallel slice each)."""
+
+    par: Parallel
+    wbytes: int
+    layers: list[range]  # stage -> its layers (even split; the first stages take the remainder)
+    params: list[int]  # stage -> parameter elements
+    others: list[int]  # stage -> elements of the parameters train_others trains in full
+    activations: list[int]  # stage -> activation bytes per rank
+    zero3_buffers: int  # one layer gathered plus one prefetched, per tensor-parallel slice
+
+    def memory(self, name: str, stage: int, trainable: int, frozen: int) -> Memory:
+        return _state_bytes(name, trainable, frozen, self.par, self.wbytes, self.zero3_buffers, self.activations[stage])
+
+    def most_loaded(self, name: str, trained, frozen) -> Memory:
+        """The stage whose ranks need the most bytes, with ``trained(stage)`` and ``frozen(stage)`` elements."""
+        per_stage = (self.memory(name, s, trained(s), frozen(s)) for s in range(self.par.pp))
+        return max(per_stage, key=lambda mem: mem.total)
+
+
+def _stage_of(name: str, stages: list[range]) -> int:
+    """Pipeline stage holding parameter ``name``: its layer's, else the last (lm_head, final norm) or the first."""
+    layer = layer_of(name)
+    if layer is not None:
+        return next(s for s, r in enumerate(stages) if layer in r)
+    return len(stages) - 1 if name.startswith(("lm_head", "model.norm", "gpt_neox.final")) else 0
+
+
+def _largest_layer(params: dict[str, int]) -> int:
+    """Elements of the biggest decoder layer (what ZeRO-3 gathers at a time)."""
+    per_layer: dict[int, int] = {}
+    for name, numel in params.items():
+        layer = layer_of(name)
+        if layer is not None:
+            per_layer[layer] = per_layer.get(layer, 0) + numel
+    return max(per_layer.values(), default=0)
+
+
+def _stages(
+    cfg: dict[str, Any],
+    spec: AttentionSpec,
+    params: dict[str, int],
+    others: set[str],
+    par: Parallel,
+    act: Activation,
+    wbytes: int,
+) -> _Stages:
+    """Split the parameters, the train_others parameters and the activations over the pipeline stages."""
+    layers = balanced_split(spec.num_layers, par.pp)
+    stage_params = [0] * par.pp
+    stage_others = [0] * par.pp
+    for name, numel in params.items():
+        stage_params[_stage_of(name, layers)] += numel
+        if name in others:
+            stage_others[_stage_of(name, layers)] += numel
+    acts = [
+        activation_bytes(cfg, spec, len(layers[s]), act, stage=s, pp=par.pp, tp=par.tp, wbytes=wbytes)
+        for s in range(par.pp)
+    ]
+    zero3 = 2 * _largest_layer(params) // par.tp * wbytes
+    return _Stages(par, wbytes, layers, stage_params, stage_others, acts, zero3)
+
+
+def _alps_row(
+    spec: AttentionSpec, stages: _Stages, heads: Sequence[Head] | None, k: int, kv: KVPolicy
+) -> tuple[Memory, dict[str, int]]:
+    """ALPS on its most loaded (pipeline stage, tensor-parallel rank), for ``heads`` or each rank's own
+    worst case of ``k`` heads; and the per-module slice elements of rank (0, 0)'s heads."""
+    par = stages.par
+    tp_groups = balanced_split(spec.num_kv_heads, par.tp)  # AutoTP gives rank 0 the most kv groups
+    best: Memory | None = None
+    per_module: dict[str, int] = {}
+    for s in range(par.pp):
+        for t in range(par.tp):
+            layers = stages.layers[s]
+            chosen = heads if heads is not None else worst_case_heads(spec, k, layers=layers, groups=tp_groups[t])
+            per_rank = rank_elements(spec, chosen, kv, tp=par.tp)
+            if (s, t) == (0, 0):
+                per_module = module_elements(spec, chosen, kv)
+            mine = sum(v for (layer, rank), v in per_rank.items() if rank == t and layer in layers)
+            trainable = mine + stages.others[s] // par.tp
+            frozen = (stages.params[s] - stages.others[s]) // par.tp
+            mem = stages.memory("alps", s, trainable, frozen)
+            if best is None or mem.total > best.total:
+                best = mem
+    assert best is not None
+    return best, per_module
+
+
+def _check_plan_args(spec: AttentionSpec, par: Parallel, dtype: str, headroom: float) -> None:
+    """make_plan's arguments against each other and the model; errors name the argument."""
+    check_choice("dtype", dtype, DTYPE_BYTES)
+    check_headroom(headroom)
+    if par.pp > spec.num_layers:
+        raise AlpsError(f"pp {par.pp} exceeds the model's {spec.num_layers} layers; use at most one stage per layer")
+
+
+def check_headroom(headroom: float, source: str = "headroom") -> None:
+    """One AlpsError naming ``source`` (a flag or argument) unless ``headroom`` is in [0, 1)."""
+    if not 0 <= headroom < 1:
+        raise AlpsError(f"{source} {headroom!r} must be in [0, 1), e.g. 0.1 keeps 10 % of GPU memory free")
+
+
 def make_plan(
     config: Any,
     *,
@@ -333,86 +440,26 @@ def make_plan(
     spec = AttentionSpec.from_config(cfg)
     par = parallel or Parallel()
     act = activation or Activation()
-    if dtype not in DTYPE_BYTES:
-        raise AlpsError(f"--dtype {dtype!r} is unknown; use one of {', '.join(DTYPE_BYTES)}")
-    if not 0 <= headroom < 1:
-        raise AlpsError("--headroom must be in [0, 1), e.g. 0.1 keeps 10 % of GPU memory free")
-    if par.pp > spec.num_layers:
-        raise AlpsError(f"--pp {par.pp} exceeds the model's {spec.num_layers} layers")
-    wbytes = DTYPE_BYTES[dtype]
+    _check_plan_args(spec, par, dtype, headroom)
     params = count_parameters(cfg, spec)
-    total = sum(params.values())
-
-    # The most loaded model-parallel rank: pipeline stage 0 (or the last one, with the lm_head) and
-    # tensor-parallel rank 0, which AutoTP gives the most kv groups.
-    stages = balanced_split(spec.num_layers, par.pp)  # even; the first stages take the remainder
-    tp_groups = balanced_split(spec.num_kv_heads, par.tp)
-
-    def stage_of(name: str) -> int:
-        layer = layer_of(name)
-        if layer is not None:
-            return next(s for s, r in enumerate(stages) if layer in r)
-        return par.pp - 1 if name.startswith(("lm_head", "model.norm", "gpt_neox.final")) else 0
-
-    others = train_others_params(params, spec, train_others)
+    stages = _stages(cfg, spec, params, train_others_params(params, spec, train_others), par, act, DTYPE_BYTES[dtype])
     if heads is None:
         k = count_for_ratio(ratio, spec.num_layers, spec.num_heads)
         heads_source = heads_source or f"worst case of {k} heads (ratio {ratio})"
     else:
         k = len(heads)
-
-    best: Memory | None = None
-    per_module: dict[str, int] = {}
-    stage_params = [0] * par.pp
-    stage_others = [0] * par.pp
-    for name, numel in params.items():
-        stage_params[stage_of(name)] += numel
-        if name in others:
-            stage_others[stage_of(name)] += numel
-    layer_params: dict[int, int] = {}
-    for name, numel in params.items():
-        layer = layer_of(name)
-        if layer is not None:
-            layer_params[layer] = layer_params.get(layer, 0) + numel
-    largest_layer = max(layer_params.values(), default=0)
-    zero3 = 2 * largest_layer // par.tp * wbytes  # one layer gathered plus one prefetched
-    acts = [
-        activation_bytes(cfg, spec, len(stages[s]), act, stage=s, pp=par.pp, tp=par.tp, wbytes=wbytes)
-        for s in range(par.pp)
-    ]
-    rows: list[Memory] = []
-    for s in range(par.pp):
-        for t in range(par.tp):
-            chosen = heads if heads is not None else worst_case_heads(spec, k, layers=stages[s], groups=tp_groups[t])
-            per_rank = rank_elements(spec, chosen, kv, tp=par.tp)
-            if (s, t) == (0, 0):
-                per_module = module_elements(spec, chosen, kv)
-            mine = sum(v for (layer, rank), v in per_rank.items() if rank == t and layer in stages[s])
-            trainable = mine + stage_others[s] // par.tp
-            frozen = (stage_params[s] - stage_others[s]) // par.tp
-            mem = _state_bytes("alps", trainable, frozen, par, wbytes, zero3, acts[s])
-            if best is None or mem.total > best.total:
-                best = mem
-    assert best is not None
-    rows.append(best)
-
+    alps, per_module = _alps_row(spec, stages, heads, k, kv)
     # Full fine-tuning and LoRA, each on its own most loaded stage.
-    def most_loaded(name: str, trained, frozen) -> Memory:
-        per_stage = (_state_bytes(name, trained(s), frozen(s), par, wbytes, zero3, acts[s]) for s in range(par.pp))
-        return max(per_stage, key=lambda mem: mem.total)
-
-    rows.append(most_loaded("full fine-tuning", lambda s: stage_params[s] // par.tp, lambda s: 0))
+    full = stages.most_loaded("full fine-tuning", lambda s: stages.params[s] // par.tp, lambda s: 0)
     lora = lora_elements(spec, lora_rank)
-    rows.append(
-        most_loaded(
-            f"LoRA r={lora_rank} on Q/K/V",
-            lambda s: len(stages[s]) * lora // par.tp,
-            lambda s: stage_params[s] // par.tp,
-        )
+    lora_row = stages.most_loaded(
+        f"LoRA r={lora_rank} on Q/K/V",
+        lambda s: len(stages.layers[s]) * lora // par.tp,
+        lambda s: stages.params[s] // par.tp,
     )
     return Plan(
         model_type=spec.model_type,
-        total_params=total,
+        total_params=sum(params.values()),
         heads=k,
         heads_source=heads_source or "given heads",
         parallel=par,
@@ -420,7 +467,7 @@ def make_plan(
         gpu_mem_gib=gpu_mem_gib,
         headroom=headroom,
         gpus_per_node=gpus_per_node,
-        rows=tuple(rows),
+        rows=(alps, full, lora_row),
         per_module=per_module,
     )
 

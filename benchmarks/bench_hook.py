@@ -1,11 +1,13 @@
 """Engine hook vs. gradient masking, and the cost of the hook, measured side by side in one run.
 
-1. compose: forward+backward time of one projection, plain vs. the two ways to compose the
-   trainable rows (merge the weight every step vs. an extra matmul on the selected channels).
+1. compose: forward+backward time of one projection at 10 % trainable rows: frozen vs. the hook
+   (its custom autograd function; one row range and scattered rows) vs. the two plain-autograd
+   compositions it replaced (merge the weight every step; an extra matmul on the selected
+   channels written over the full output). Goal: hook <= 1.15x frozen.
 2. masking: a gradient-masking baseline (whole Q/K/V trainable, hooks zeroing the other rows'
    gradients) beside the hook, AdamW weight decay 0.1: drift of the "frozen" rows and
    optimizer-state bytes (goal: >= 5x less for the hook at ratio 0.1, Q/K/V only).
-3. step time: heads-only vs. full fine-tuning (goal <= 0.75x) and heads + rest vs. Q/K/V fully
+3. step time: heads-only vs. full fine-tuning (goal <= 0.72x) and heads + rest vs. Q/K/V fully
    frozen + rest (the paper's "w/o attn"; goal <= 1.10x).
 
 Single process, CPU, torch AdamW (the math the engine runs per rank).
@@ -45,40 +47,39 @@ def interleaved(fns: dict, repeat: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-class MergedWeightRows(HeadRowsLinear):
-    """The alternative composition: write the slice into a full weight copy every step, one matmul."""
+def merged_weight_forward(mod: HeadRowsLinear, x: torch.Tensor) -> torch.Tensor:
+    """Plain autograd: write the slice into a full weight copy every step, one matmul (autograd then
+    forms the full weight gradient and keeps only the selected rows)."""
+    return F.linear(x, mod.weight.index_copy(0, mod.rows, mod.head_weight), mod.bias)
 
-    def forward(self, x):
-        w = self.weight.index_copy(0, self.rows, self.head_weight)
-        return F.linear(x, w, self.bias)
+
+def two_matmul_forward(mod: HeadRowsLinear, x: torch.Tensor) -> torch.Tensor:
+    """Plain autograd, the hook's earlier forward: the full output, then the selected channels
+    overwritten by an extra slice matmul (two output-sized tensors, an activation-sized index_copy)."""
+    y = F.linear(x, mod.weight, mod.bias)
+    return y.index_copy(-1, mod.rows, F.linear(x, mod.head_weight, mod.head_bias))
 
 
 def bench_compose(d: int, tokens: int, ratio: float, repeat: int) -> None:
     torch.manual_seed(0)
-    rows = [(0, max(1, int(d * ratio)))]
+    n = max(1, int(d * ratio))
     base = nn.Linear(d, d, bias=False)
     x = torch.randn(tokens, d, requires_grad=True)
-    frozen = copy.deepcopy(base).requires_grad_(False)
-    ours = reparametrize(copy.deepcopy(base), rows)
-    alt_src = reparametrize(copy.deepcopy(base), rows)
-    alt = MergedWeightRows(alt_src.weight, None, alt_src.ranges, alt_src.head_weight.data, None)
-    full = copy.deepcopy(base)
-
-    t = interleaved(
-        {
-            k: (lambda m=m: m(x).sum().backward())
-            for k, m in (("frozen", frozen), ("full", full), ("ours", ours), ("alt", alt))
-        },
-        repeat,
-    )
-    print(f"\n== 1. composing the trainable rows: [{tokens} x {d}] @ [{d} x {d}]^T, {rows[0][1]} rows, fwd+bwd")
-    for key, label in (
-        ("frozen", "frozen layer"),
-        ("full", "fully trainable layer"),
-        ("ours", "slice matmul (kept)"),
-        ("alt", "merged weight per step"),
-    ):
-        print(f"   {label:<24}{t[key] * 1e3:9.2f} ms   {t[key] / t['frozen']:.2f}x")
+    one, merged, two = (reparametrize(copy.deepcopy(base), [(0, n)]) for _ in range(3))
+    scattered = reparametrize(copy.deepcopy(base), [i * d // n for i in range(n)])  # n rows spread out
+    variants = {
+        "frozen layer": copy.deepcopy(base).requires_grad_(False),
+        "fully trainable layer": copy.deepcopy(base),
+        "hook, one row range": one,
+        "hook, scattered rows": scattered,
+        "merged weight (autograd)": lambda x: merged_weight_forward(merged, x),
+        "two matmuls (previous)": lambda x: two_matmul_forward(two, x),
+    }
+    t = interleaved({k: (lambda f=f: f(x).sum().backward()) for k, f in variants.items()}, repeat)
+    print(f"\n== 1. composing the trainable rows: [{tokens} x {d}] @ [{d} x {d}]^T, {n} rows, fwd+bwd")
+    for key in variants:
+        print(f"   {key:<26}{t[key] * 1e3:9.2f} ms   {t[key] / t['frozen layer']:.2f}x")
+    print(f"   hook / frozen (one range)  {t['hook, one row range'] / t['frozen layer']:.2f}x (goal <= 1.15x)")
 
 
 def bench_masking(cfg, sel: HeadSelection, steps: int) -> None:
@@ -176,7 +177,7 @@ def bench_step(cfg, sel: HeadSelection, repeat: int, batch_shape: tuple[int, int
     print(f"\n== 3. training step time, batch {batch_shape}, median of {repeat} (interleaved)")
     for k in models:
         print(f"   {k:<18} {times[k] * 1e3:9.1f} ms   trainable {trainable_report(models[k]).trainable:>12,}")
-    print(f"   heads-only / full fine-tuning          {times['heads'] / times['full']:.2f}x (goal <= 0.75x)")
+    print(f"   heads-only / full fine-tuning          {times['heads'] / times['full']:.2f}x (goal <= 0.72x)")
     overhead = times["heads+rest"] / times["qkv-frozen+rest"]
     print(f"   heads+rest / Q/K/V frozen+rest         {overhead:.2f}x (goal <= 1.10x)")
 

@@ -117,3 +117,21 @@ def test_rank_without_selected_rows_is_refused_before_sharding():
     with pytest.raises(AlpsError, match=r"tp rank\(s\) \[1\] of 2 hold none of the selected rows"):
         autotp.shard(model, 2, selection=selection)
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # nothing was sharded
+
+
+def test_apply_on_an_unsharded_model_is_refused_and_changes_nothing():
+    """AutoTP apply hooks local rows of a sharded model; on a plain one it would train wrong rows."""
+    from alps_ds.arch import AttentionSpec
+    from alps_ds.errors import AlpsError
+    from alps_ds.parallel import autotp
+    from alps_ds.selection import HeadSelection, Provenance
+    from alps_ds.tiny import build_model, tiny_config
+
+    config = tiny_config("llama", layers=2, hidden=48, heads=4, kv_heads=2, head_dim=12, vocab=64, intermediate=64)
+    model = build_model(config)
+    spec = AttentionSpec.from_config(config)
+    selection = HeadSelection(spec.fingerprint, ((0, 2),), Provenance("explicit"))
+    with pytest.raises(AlpsError, match=r"not sharded; call alps_ds\.parallel\.autotp\.shard"):
+        autotp.apply(model, selection)
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen, nothing hooked
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear

@@ -312,6 +312,17 @@ def test_checks_lacking_inputs_say_skip_and_bad_sizes_fail_cleanly(model_dir):
     assert got["world size"] == got["tensor parallel"] == "fail" and got["memory"] == "skip"
 
 
+def test_memory_check_errors_name_the_setting_not_a_plan_flag(model_dir):
+    """ZeRO stage, offload and train_others often come from the run YAML (its deepspeed config, its
+    train_others key), and check has no --train-others: the FAIL line names the setting itself."""
+    base = dict(world_size=2, model=str(model_dir / "m"), gpu_mem_gib=80)
+    got = {f.check: f for f in run_checks(CheckInputs(**base, zero=0, offload=True))}
+    assert got["memory"].status == "fail" and got["memory"].detail.startswith("offload needs zero 1, 2 or 3, not 0")
+    got = {f.check: f for f in run_checks(CheckInputs(**base, train_others=("nope",)))}
+    assert got["memory"].status == "fail"
+    assert got["memory"].detail.startswith("train_others 'nope' matches no parameter outside Q/K/V")
+
+
 def test_launch_stops_before_launching_on_failed_check(hostfile, tmp_path, capsys):
     marker = tmp_path / "ran"
     script = tmp_path / "touch.py"

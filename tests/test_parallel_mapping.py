@@ -264,8 +264,28 @@ def test_heads_outside_model_and_bad_pipeline_are_errors():
         plan(spec, [(2, 0)], tp=2, layout="megatron")
     with pytest.raises(AlpsError, match="do not split over 3 pipeline stages"):
         PipelineSplit.megatron(4, 3)
-    with pytest.raises(AlpsError, match="virtual stages"):
+    with pytest.raises(AlpsError, match="do not split into vpp 4 virtual stages"):
         PipelineSplit.megatron(4, 2, 4)
+
+
+def test_library_errors_name_the_argument_not_a_flag():
+    """``alps-ds layout`` checks --pp/--vpp/--rebalance itself first; the library names its arguments."""
+    spec = make_spec(2, 4, 2, 4)
+    tensor, pipeline = TensorParallel(spec, "hf", 2), PipelineSplit.even(2, 2)
+    cases = [
+        (lambda: PipelineSplit.megatron(4, 0), "^pp 0 must be a positive integer"),
+        (lambda: PipelineSplit.megatron(4, 2, 0), "^vpp 0 must be a positive integer"),
+        (lambda: PipelineSplit.megatron(4, 2, first=-1), "^first -1 / last None: pipeline stage layer counts"),
+        (lambda: rebalance([[1.0] * 4] * 2, [(0, 0)], tensor, pipeline, cap=0), "^rebalance: cap 0 must be >= 1"),
+        (
+            lambda: rebalance([[1.0] * 4] * 2, [(i, h) for i in range(2) for h in range(4)], tensor, pipeline, cap=1),
+            "^rebalance: cap 1 fits only 4 of 8 heads",  # one head on each of 2 x 2 ranks
+        ),
+    ]
+    for build, message in cases:
+        with pytest.raises(AlpsError, match=message) as e:
+            build()
+        assert "--" not in str(e.value)
 
 
 # ---- rebalance ------------------------------------------------------------------------------

@@ -135,8 +135,29 @@ def test_train_others_and_bad_patterns():
     mlp = make_plan(cfg, ratio=0.25, train_others=["mlp"], parallel=Parallel(zero=0)).rows[0].trainable
     params = count_parameters(cfg)
     assert mlp - base == sum(v for k, v in params.items() if ".mlp." in k)
-    with pytest.raises(AlpsError, match="matches no parameter"):
+    with pytest.raises(AlpsError, match="^train_others 'nonexistent_module' matches no parameter"):
         make_plan(cfg, train_others=["nonexistent_module"])
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda cfg: Parallel(tp=0), "^tp 0 must be at least 1"),
+        (lambda cfg: Parallel(dp=-1), "^dp -1 must be at least 1"),
+        (lambda cfg: Parallel(zero=4), "^zero 4 is not a ZeRO stage"),
+        (lambda cfg: Parallel(zero=0, offload=True), "^offload needs zero 1, 2 or 3"),
+        (lambda cfg: make_plan(cfg, dtype="fp8"), "^dtype 'fp8' is unknown; choose one of bf16, fp16, fp32"),
+        (lambda cfg: make_plan(cfg, headroom=1.0), r"^headroom 1.0 must be in \[0, 1\)"),
+        (lambda cfg: make_plan(cfg, parallel=Parallel(pp=3)), "^pp 3 exceeds the model's 2 layers"),
+        (lambda cfg: make_plan(cfg, ratio=0), r"^ratio 0 is outside \(0, 1\]"),
+    ],
+)
+def test_library_errors_name_the_argument_not_a_flag(build, message):
+    """The library is called from Python, YAML-driven checks and the CLI alike: its errors name its own
+    arguments; ``alps-ds plan`` checks its flags first (tests/test_bad_input.py)."""
+    with pytest.raises(AlpsError, match=message) as e:
+        build(tiny_config("llama", layers=2))
+    assert "--" not in str(e.value)
 
 
 def test_pipeline_activations_follow_1f1b(spec70):

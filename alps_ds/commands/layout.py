@@ -48,11 +48,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="where --rebalance writes the new heads.json (default: HEADS.rebalanced.json)")
 
 
+def _validate(args: argparse.Namespace) -> None:
+    """Check the sizes before reading anything, naming the flag (the library names its arguments)."""
+    for flag, value in (("--tp", args.tp), ("--pp", args.pp), ("--vpp", args.vpp)):
+        if value < 1:
+            raise AlpsError(f"{flag} {value} must be at least 1")
+    for flag, value in (
+        ("--first-stage-layers", args.first_stage_layers),
+        ("--last-stage-layers", args.last_stage_layers),
+    ):
+        if value is not None and value < 0:
+            raise AlpsError(f"{flag} {value} must be >= 0")
+    if args.rebalance is not None and args.rebalance < 0:
+        raise AlpsError(
+            f"--rebalance {args.rebalance}: CAP must be at least 1, or leave it out for the smallest that fits"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from alps_ds.arch import AttentionSpec
     from alps_ds.parallel.mapping import PipelineSplit, plan, rebalance
     from alps_ds.selection import HeadSelection
 
+    _validate(args)
     spec = AttentionSpec.from_pretrained(args.model)
     selection = HeadSelection.load(args.heads, spec=spec)
     layout = args.layout or spec.native_tp_layout

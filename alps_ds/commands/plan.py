@@ -119,20 +119,45 @@ def fill_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, value)
 
 
+def _validate(args: argparse.Namespace) -> None:
+    """Check every flag before reading the model, naming the flag (the library names its arguments)."""
+    from alps_ds.choose import check_ratio
+    from alps_ds.plan import check_headroom
+
+    for name in ("tp", "pp", "dp", "seq_len", "micro_batch", "gpus_per_node", "nodes", "lora_rank"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise AlpsError(f"--{name.replace('_', '-')} {value} must be at least 1")
+    check_headroom(args.headroom, "--headroom")
+    if args.offload and args.zero == 0:
+        raise AlpsError("--offload needs --zero 1, 2 or 3 (optimizer offload is a ZeRO feature)")
+    if not args.heads:
+        check_ratio(args.ratio, "--ratio")
+
+
+def _validate_for_model(args: argparse.Namespace, cfg, spec) -> None:
+    """The flags that depend on the model's shape: --pp against its layers, --train-others against its modules."""
+    from alps_ds.plan import count_parameters, train_others_params
+
+    if args.pp > spec.num_layers:
+        raise AlpsError(f"--pp {args.pp} exceeds the model's {spec.num_layers} layers; use at most one stage per layer")
+    train_others_params(count_parameters(cfg, spec), spec, args.train_others, source="--train-others")
+
+
 def build(args: argparse.Namespace):
     from alps_ds.arch import AttentionSpec
     from alps_ds.plan import Activation, Parallel, load_config, make_plan
     from alps_ds.selection import HeadSelection
 
     fill_defaults(args)
-    for name in ("seq_len", "micro_batch", "gpus_per_node", "nodes", "lora_rank"):
-        if getattr(args, name) < 1:
-            raise AlpsError(f"--{name.replace('_', '-')} must be at least 1")
+    _validate(args)
     cfg = load_config(args.model)
+    spec = AttentionSpec.from_config(cfg)
+    _validate_for_model(args, cfg, spec)
     heads = None
     if args.heads:
         sel = HeadSelection.load(args.heads)
-        sel.check_model(AttentionSpec.from_config(cfg), source=args.heads)
+        sel.check_model(spec, source=args.heads)
         heads = list(sel.heads)
     return make_plan(
         cfg,

@@ -12,6 +12,12 @@ from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_write_text
 
 ARMS: tuple[str, ...] = ("alps", "random", "layer-consistent", "all", "none")
+# What trains beside the chosen heads' Q/K/V rows in each setting (run YAML ``train_others``): the
+# paper trains the rest of the network in every arm and varies only the heads; heads-only is the
+# memory-lean mode. The LoRA arm trains PEFT LoRA on q/k/v instead, through the same engine.
+SETTINGS: dict[str, list[str]] = {"paper": ["all"], "heads-only": []}
+LORA = "lora"
+TRANSFER_ARMS: tuple[str, ...] = ("alps", "random")  # paper setting, on the transfer dataset
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class DemoConfig:
     # steps (global batch = micro_batch * ranks)
     pretrain_steps: int = 500
     task_steps: int = 100
-    arm_steps: int = 120
+    arm_steps: int = 80
     batch: int = 64  # global batch per optimizer step, split over the ranks
     pretrain_lr: float = 3e-3
     task_lr: float = 1e-3
@@ -37,9 +43,10 @@ class DemoConfig:
     pretrain_examples: int = 12000  # rows of the pre-training mix (repeated over epochs)
     finetune_examples: int = 2000  # the task model's dataset, and the fresh one each arm trains on (per seed)
     eval_examples: int = 512  # held-out target rows every arm is scored on
+    retain_examples: int = 256  # held-out rows of each other task: what an arm kept of the base's abilities
     ratio: float = 0.1
     seed: int = 0
-    seeds: int = 1
+    seeds: int = 3
     device: str = "cpu"
     nproc: int = 2
 
@@ -65,6 +72,8 @@ class DemoConfig:
             pretrain_examples=1280,
             finetune_examples=480,
             eval_examples=128,
+            retain_examples=64,
+            seeds=1,
         )
         kw.update(overrides)
         return cls(**kw)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,24 @@ TASKS: tuple[str, ...] = ("copy", "reverse", "sort", "rotate", "successor", "loo
 VOCAB: tuple[str, ...] = (*SPECIALS, SEP, QUERY, *TASKS, *SYMBOLS)
 VOCAB_SIZE = len(VOCAB)
 MIN_LEN, MAX_LEN = 4, 8
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Where a dataset's inputs come from: their lengths (inclusive) and the symbols they draw from."""
+
+    min_len: int = MIN_LEN
+    max_len: int = MAX_LEN
+    symbols: int = len(SYMBOLS)  # the first ``symbols`` of a .. x
+
+    def describe(self) -> str:
+        return f"lengths {self.min_len}-{self.max_len}, symbols a-{SYMBOLS[self.symbols - 1]}"
+
+
+PRETRAIN = Distribution()
+# The transfer dataset: the same task on longer inputs over half the alphabet, a shift the heads
+# localized on the default distribution have to carry over to.
+TRANSFER = Distribution(min_len=8, max_len=10, symbols=12)
 
 # The whole conversation on one line: no role tags, so a sequence is BOS, prompt, SEP, answer, EOS.
 CHAT_TEMPLATE = (
@@ -67,7 +86,14 @@ def _answer(task: str, x: list[str], rng: np.random.Generator) -> tuple[list[str
     raise AssertionError(task)
 
 
-def generate(tasks: Sequence[str], count: int, seed: int, *, weights: Sequence[float] | None = None) -> list[dict]:
+def generate(
+    tasks: Sequence[str],
+    count: int,
+    seed: int,
+    *,
+    weights: Sequence[float] | None = None,
+    dist: Distribution = PRETRAIN,
+) -> list[dict]:
     """``count`` rows ``{"prompt", "completion", "task"}`` drawn from ``tasks`` (by ``weights``), seeded."""
     for t in tasks:
         check_task(t)
@@ -76,17 +102,17 @@ def generate(tasks: Sequence[str], count: int, seed: int, *, weights: Sequence[f
     rows = []
     for t in rng.choice(len(tasks), size=count, p=p):
         task = tasks[t]
-        k = int(rng.integers(MIN_LEN, MAX_LEN + 1))
-        x = [SYMBOLS[i] for i in rng.integers(0, len(SYMBOLS), size=k)]
+        k = int(rng.integers(dist.min_len, dist.max_len + 1))
+        x = [SYMBOLS[i] for i in rng.integers(0, dist.symbols, size=k)]
         prompt, answer = _answer(task, x, rng)
         rows.append({"prompt": " ".join([task, *prompt]), "completion": " ".join(answer), "task": task})
     return rows
 
 
-def max_tokens() -> int:
-    """Longest sequence in tokens (BOS, task word, prompt, SEP, answer, EOS): the lookup or a length-MAX_LEN task."""
-    pairs = MAX_LEN // 2 + 1
-    return max(2 + 2 * pairs + 1 + 2 + 1 + 2 + 1, 2 + MAX_LEN + 1 + MAX_LEN + 1)
+def max_tokens(max_len: int = max(MAX_LEN, TRANSFER.max_len)) -> int:
+    """Longest sequence in tokens (BOS, task word, prompt, SEP, answer, EOS): lookup or a ``max_len`` task."""
+    pairs = max_len // 2 + 1
+    return max(2 + 2 * pairs + 1 + 2 + 1 + 2 + 1, 2 + max_len + 1 + max_len + 1)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> Path:

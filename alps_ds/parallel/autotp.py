@@ -147,6 +147,14 @@ def shard(
     return model
 
 
+def _refuse_unhookable(model: nn.Module) -> None:
+    """AutoTP apply needs a model :func:`shard` sharded and not hooked yet (``train_others``: :func:`check_rules`)."""
+    if not getattr(model, "ds_autotp_parsed", False):
+        raise AlpsError("AutoTP apply: the model is not sharded; call alps_ds.parallel.autotp.shard(model, tp) first")
+    if any(isinstance(m, HeadRows) for m in model.modules()):
+        raise AlpsError("AutoTP apply: this model is already hooked; use a fresh model")
+
+
 def apply(
     model: nn.Module,
     selection: HeadSelection,
@@ -165,10 +173,7 @@ def apply(
     from deepspeed.utils import groups
 
     spec = model_spec(model, spec, "AutoTP apply")
-    if not getattr(model, "ds_autotp_parsed", False):
-        raise AlpsError("AutoTP apply: the model is not sharded; call alps_ds.parallel.autotp.shard(model, tp) first")
-    if any(isinstance(m, HeadRows) for m in model.modules()):
-        raise AlpsError("AutoTP apply: this model is already hooked; use a fresh model")
+    _refuse_unhookable(model)
     selection.check_model(spec)
     tp_size, rank = groups.get_tensor_model_parallel_world_size(), groups.get_tensor_model_parallel_rank()
     result = check_rules(spec, tp_size, heads=selection.heads, kv=kv, train_others=train_others)

@@ -123,13 +123,13 @@ class PipelineSplit:
         ``first``/``last`` (``num_layers_in_first/last_pipeline_stage``) with the rest even
         over the other stages; each stage's layers cut into ``vpp`` equal chunks, chunk v of
         every stage in stage order forming the v-th pass over the layers (interleaving)."""
-        for name, v in (("--pp", pp), ("--vpp", vpp)):
+        for name, v in (("pp", pp), ("vpp", vpp)):
             if not isinstance(v, int) or v < 1:
                 raise AlpsError(f"{name} {v!r} must be a positive integer")
         fixed = {0: first, pp - 1: last} if pp > 1 else {}
         fixed = {p: c for p, c in fixed.items() if c is not None}
         if any(c < 0 for c in fixed.values()):
-            raise AlpsError("first/last pipeline stage layer counts must be >= 0")
+            raise AlpsError(f"first {first} / last {last}: pipeline stage layer counts must be >= 0")
         middle = [p for p in range(pp) if p not in fixed]
         rest = num_layers - sum(fixed.values())
         if rest < 0 or (middle and rest % len(middle)) or (not middle and rest):
@@ -141,7 +141,7 @@ class PipelineSplit:
         counts = [fixed.get(p, rest // len(middle) if middle else 0) for p in range(pp)]
         if any(c % vpp for c in counts):
             raise AlpsError(
-                f"stage layer counts {counts} do not split into --vpp {vpp} virtual stages; "
+                f"stage layer counts {counts} do not split into vpp {vpp} virtual stages; "
                 "each stage needs a multiple of vpp layers"
             )
         places: list[StagePlace] = []
@@ -338,7 +338,7 @@ def rebalance(
     if len(scores) != L or any(len(r) != n for r in scores):
         raise AlpsError(f"scores must be a {L} x {n} matrix (layers x heads)")
     if cap is not None and cap < 1:
-        raise AlpsError(f"--rebalance cap {cap} must be >= 1")
+        raise AlpsError(f"rebalance: cap {cap} must be >= 1 (or None: the smallest that fits)")
     owners = _owners(tensor, pipeline)
     order = sorted(owners, key=lambda x: (-scores[x[0]][x[1]], x))
 
@@ -361,7 +361,7 @@ def rebalance(
         chosen = greedy(c)
     if len(chosen) < len(heads):
         raise AlpsError(
-            f"--rebalance cap {cap} fits only {len(chosen)} of {len(heads)} heads on this TP/PP grid; raise the cap"
+            f"rebalance: cap {cap} fits only {len(chosen)} of {len(heads)} heads on this TP/PP grid; raise the cap"
         )
     before = sum(scores[layer][h] for layer, h in heads)
     after = sum(scores[layer][h] for layer, h in chosen)

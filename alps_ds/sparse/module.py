@@ -6,10 +6,12 @@ gradient or Adam state). One small trainable parameter holds the selected rows, 
 holds their bias entries. The optimizer therefore only ever sees the slice: weight decay and
 momentum cannot move any other row, which gradient masking cannot promise.
 
-Forward is ``y = x W^T + b`` followed by overwriting the selected output channels with
-``x W_rows^T + b_rows``. Measured against composing the weight every step
-(``W.index_copy(0, rows, W_rows)`` then one matmul, see ``benchmarks/bench_hook.py``), the
-extra slice matmul never materialises a full-size weight gradient, so backward is cheaper.
+Forward and backward are one custom autograd function (:class:`HeadRowsMatmul`): the weight is
+composed once (``W.index_copy(0, rows, W_rows)``, weight-sized, never activation-sized) for a
+single matmul; backward computes the input gradient with the composed weight and the weight
+gradient of the selected rows only (``grad_out[..., rows]^T @ x``), so no full-size weight
+gradient is ever formed. Rows forming one range are sliced instead of indexed. See
+``benchmarks/bench_hook.py`` for its cost against a frozen ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from alps_ds.errors import AlpsError
 from alps_ds.hooked import HeadRows
+from alps_ds.integrations import saving
 from alps_ds.layout import merge_ranges
 
 Ranges = tuple[tuple[int, int], ...]
@@ -78,6 +81,64 @@ def as_ranges(rows: Sequence[int] | Sequence[tuple[int, int]], limit: int) -> Ra
     return merge_ranges(pairs)
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a linear layer on ``x`` in, or None outside autocast."""
+    dev = x.device.type
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev) if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else None
+
+
+def _compose(full: torch.Tensor, part: torch.Tensor, rows: torch.Tensor, span: tuple[int, int] | None):
+    """A copy of ``full`` with its ``rows`` (dim 0) replaced by ``part``; one range is sliced, not indexed."""
+    part = part.to(full.dtype)
+    if span is None:
+        return full.index_copy(0, rows, part)
+    return torch.cat((full[: span[0]], part, full[span[1] :]))
+
+
+def _columns(g: torch.Tensor, rows: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor:
+    """The ``rows`` output channels of a 2-D gradient ``g``; one range is a view (no copy)."""
+    return g[:, span[0] : span[1]] if span is not None else g.index_select(1, rows)
+
+
+class HeadRowsMatmul(torch.autograd.Function):
+    """``x W'^T + b'`` where ``W'``/``b'`` are the frozen weight/bias with ``rows`` replaced by the slices.
+
+    Only ``x`` and the slices get gradients. The composed weight is not kept between forward and
+    backward (it is rebuilt from the saved parameters, which ZeRO-3 re-gathers for backward), so
+    the saved state is that of a plain linear layer. ``dtype`` is the autocast dtype (or None):
+    under autocast the math runs in it and gradients come back in each input's own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, head_weight, head_bias, rows, span, dtype):
+        ctx.span = span
+        ctx.dtypes = (x.dtype, head_weight.dtype, None if head_bias is None else head_bias.dtype)
+        w = _compose(weight, head_weight, rows, span)
+        b = None if bias is None else _compose(bias, head_bias, rows, span)
+        if dtype is not None:
+            x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        ctx.save_for_backward(x, weight, head_weight, rows)
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, head_weight, rows = ctx.saved_tensors
+        x_dtype, hw_dtype, hb_dtype = ctx.dtypes
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)
+        grad_x = grad_hw = grad_hb = None
+        if ctx.needs_input_grad[0]:
+            w = _compose(weight, head_weight, rows, ctx.span).to(x.dtype)
+            grad_x = (g @ w).reshape(*grad_out.shape[:-1], w.shape[1]).to(x_dtype)
+        g_rows = _columns(g, rows, ctx.span)
+        if ctx.needs_input_grad[3]:
+            grad_hw = (g_rows.t() @ x.reshape(-1, x.shape[-1])).to(hw_dtype)
+        if ctx.needs_input_grad[4]:
+            grad_hb = g_rows.sum(0).to(hb_dtype)
+        return grad_x, None, None, grad_hw, grad_hb, None, None, None
+
+
 class HeadRowsLinear(HeadRows):
     """``x W^T + b`` with rows ``ranges`` of W (and b) replaced by trainable ``head_weight`` (``head_bias``).
 
@@ -85,6 +146,8 @@ class HeadRowsLinear(HeadRows):
     of the selected rows are q, k or v (for reports and adapters); ``apply`` also records the
     module's :class:`~alps_ds.hooked.HookedRows`, selection and kv policy with ``describe``.
     """
+
+    base_only = False  # set by alps_ds.base_weights(model)
 
     def __init__(
         self,
@@ -110,15 +173,24 @@ class HeadRowsLinear(HeadRows):
         # On the slice's device: index_copy refuses an index on another device, and DeepSpeed does
         # not move a model built under zero.Init (so a CPU buffer would stay behind the GPU weights).
         self.register_buffer("rows", row_index(ranges, head_weight.device), persistent=False)
+        saving.register(self)  # save: trained rows merged into weight; load: split back (integrations)
 
     @property
     def num_rows(self) -> int:
         return sum(b - a for a, b in self.ranges)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        y_rows = F.linear(x, self.head_weight, self.head_bias)
-        return y.index_copy(-1, self.rows, y_rows.to(y.dtype))
+        if self.base_only:  # alps_ds.base_weights: the frozen base projection, e.g. DPO's reference
+            return F.linear(x, self.weight, self.bias)
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
+            raise AlpsError(
+                "HeadRowsLinear: the base weight/bias must stay frozen (only head_weight/head_bias train); "
+                "call merge(model) before training the whole projection"
+            )
+        span = self.ranges[0] if len(self.ranges) == 1 else None
+        return HeadRowsMatmul.apply(
+            x, self.weight, self.bias, self.head_weight, self.head_bias, self.rows, span, _autocast_dtype(x)
+        )
 
     def merged_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Full weight and bias with the trained rows written in (call with full, gathered params)."""

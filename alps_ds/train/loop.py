@@ -31,7 +31,7 @@ from alps_ds.train.engine_config import deepspeed_config, lr_lambda, train_dtype
 from alps_ds.train.heads import resolve_selection
 from alps_ds.train.model import load_model, load_tokenizer, resolve_model_dir
 from alps_ds.train.report import Summary, TrainLog, open_tensorboard, optimizer_bytes
-from alps_ds.train.tensor_parallel import Grid, check_resume_tp, export, grid, hook, load_model_stage
+from alps_ds.train.tensor_parallel import Grid, check_resume_tp, export, grid, hook_model, load_model_stage
 
 
 def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
@@ -83,9 +83,10 @@ class Progress:
 
 
 # ---- setup ----------------------------------------------------------------------------------------------------
-def setup(cfg: RunConfig, *, resume: bool) -> Run:
+def setup(cfg: RunConfig, *, resume: bool = False, hook=None) -> Run:
     """Join the process group, check output/data/selection, build the hooked model and the DeepSpeed engine,
-    load the checkpoint when resuming, then (only now) write OUT/run_config.json and open the logs."""
+    load the checkpoint when resuming, then (only now) write OUT/run_config.json and open the logs. ``hook``
+    replaces :func:`alps_ds.apply` (same signature; the demo's PEFT LoRA arm uses it to run the same engine)."""
     start_wall = time.time()
     rank, world = init_distributed()
     quiet_logs(rank)
@@ -99,17 +100,18 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
     model_dir = resolve_model_dir(cfg, out, rank)
     spec = AttentionSpec.from_pretrained(model_dir)
     base = base_record(model_dir)  # every rank reads it (cheap), so every rank refuses a changed base alike
-    if latest is not None:
-        check_base(ckpt_dir, latest, base)
     tokenizer = load_tokenizer(cfg, model_dir)
     grad_accum = gradient_accumulation(cfg, world)
     ds_config = deepspeed_config(cfg, grad_accum)
-    if latest is not None:  # another world size or ZeRO stage resumes elastically; a changed batch is refused
+    if latest is not None:  # same base and batch; another world size or ZeRO stage resumes elastically
+        check_base(ckpt_dir, latest, base)
         check_resume_tp(ckpt_dir, latest, cfg, world, zero_stage(ds_config))
         check_resume(ckpt_dir, latest, world, zero_stage(ds_config), cfg.train.batch)
     examples, stats, plan, total_steps = _prepare_data(cfg, tokenizer, grad_accum, tp.dp, rank)
     selection = resolve_selection(cfg, spec, model_dir, out, rank, resume and latest is not None)
-    engine, scheduler, report, zero_init = _build_engine(cfg, model_dir, spec, selection, ds_config, total_steps, tp)
+    engine, scheduler, report, zero_init = _build_engine(
+        cfg, model_dir, spec, selection, ds_config, total_steps, tp, hook
+    )
     if rank == 0:  # only once every input checked out: a failed start leaves output.dir as it was
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
@@ -171,7 +173,9 @@ def _prepare_data(cfg: RunConfig, tokenizer, grad_accum: int, world: int, rank: 
     return examples, stats, plan, total_steps
 
 
-def _build_engine(cfg: RunConfig, model_dir: Path, spec, selection, ds_config: dict, total_steps: int, tp: Grid):
+def _build_engine(
+    cfg: RunConfig, model_dir: Path, spec, selection, ds_config: dict, total_steps: int, tp: Grid, hook=None
+):
     """The base model with the selection hooked in, wrapped by ``deepspeed.initialize`` with AdamW (unless the
     DS config names an optimizer) and the LR schedule. Returns (engine, scheduler, report, zero_init)."""
     import deepspeed
@@ -183,9 +187,9 @@ def _build_engine(cfg: RunConfig, model_dir: Path, spec, selection, ds_config: d
     model = load_model(model_dir, ds_config, load_model_stage(zero_stage(ds_config), cfg), train_dtype(ds_config))
     zero_init = any(hasattr(p, "ds_id") for p in model.parameters())  # zero.Init took effect
     model.config.use_cache = False
+    report = hook_model(model, selection, cfg, spec, zero_stage(ds_config), hook)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    report = hook(model, selection, cfg, spec, zero_stage(ds_config))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise AlpsError(

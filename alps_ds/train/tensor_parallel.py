@@ -89,16 +89,20 @@ def check_resume_tp(ckpt_dir: Path, latest: dict[str, Any], cfg: RunConfig, worl
         )
 
 
-def hook(model, selection, cfg: RunConfig, spec, stage: int):
+def hook_model(model, selection, cfg: RunConfig, spec, stage: int, apply=None):
     """Hook ``model`` for ``selection`` (AutoTP-sharded first when tp > 1); returns the trainable report of
     the whole model (a TP rank's own elements summed over its TP group, the size of the unsharded model).
-    Under ZeRO-3 every TP rank wraps the same modules (``autotp.pad_modules``)."""
-    from alps_ds.sparse import apply, trainable_report
+    ``apply`` replaces :func:`alps_ds.apply` at tp 1 (the demo's LoRA arm). Under ZeRO-3 every TP rank
+    wraps the same modules (``autotp.pad_modules``)."""
+    from alps_ds.sparse import apply as sparse_apply
+    from alps_ds.sparse import trainable_report
 
     tp = cfg.parallel.tp
     if tp == 1:
-        apply(model, selection, kv=cfg.kv, train_others=tuple(cfg.train_others), spec=spec)
+        (apply or sparse_apply)(model, selection, kv=cfg.kv, train_others=tuple(cfg.train_others), spec=spec)
         return trainable_report(model)
+    if apply is not None:
+        raise AlpsError(f"{cfg.source}: parallel.tp: {tp} trains with the AutoTP head hook only; use parallel.tp 1")
     import torch.distributed as dist
     from deepspeed.utils import groups
 

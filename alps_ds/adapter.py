@@ -159,7 +159,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
         # Each rank holds rows local to its shard: rank 0 alone would write an adapter missing the others.
         raise AlpsError(
             "save_adapter: the model is tensor-parallel (alps_ds.parallel.autotp) and each rank holds only "
-            "its shard's rows; export the full weights with autotp.gather_qkv instead"
+            "its shard's rows; gather the full rows first (alps_ds.train.tensor_parallel.gather_rows) and "
+            "write them with write_adapter"
         )
     tensors: dict[str, torch.Tensor] = {}
     entries = []
@@ -182,19 +183,22 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
 
 
 def write_adapter(
-    out: Path,
+    out_dir: str | os.PathLike,
     selection: HeadSelection,
     kv: str,
-    entries: list[AdapterModule],
+    modules: list[AdapterModule],
     tensors: dict[str, torch.Tensor],
     *,
-    base: dict[str, Any] | None = None,
-    train_others: list[str] | tuple[str, ...] = (),
-) -> None:
-    """Write an adapter folder (atomically) from its modules and row tensors (one process); ``base`` is the
-    base's digest record (:func:`alps_ds.digest.base_record`), ``train_others`` the names trained in full."""
+    base: dict | None = None,
+    train_others: tuple[str, ...] | list[str] = (),
+) -> Path:
+    """Write an adapter folder (atomically) from full-model rows: ``tensors`` holds ``<module>.weight``
+    [rows, in] (and ``.bias``) for each of ``modules``, plus any ``train_others`` tensors by name;
+    ``base`` is the base's digest record (:func:`alps_ds.digest.base_record`). One process writes;
+    see :func:`save_adapter`."""
     from safetensors.torch import save_file
 
+    out = Path(out_dir)
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     meta = {
         "format": FORMAT,
@@ -202,13 +206,14 @@ def write_adapter(
         "kv": kv,
         "dtype": "/".join(sorted(dtypes)),
         "selection": selection.to_dict(),
-        "modules": [e.to_dict() for e in entries],
+        "modules": [m.to_dict() for m in modules],
         "base": base,
         "train_others": list(train_others),
     }
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
         (tmp / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+    return out
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:

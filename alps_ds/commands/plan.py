@@ -20,31 +20,36 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help="model folder, config.json or hub id")
-    parser.add_argument("--ratio", type=float, default=0.1, help="fraction of heads ALPS trains (default 0.1)")
+    parser.add_argument(
+        "--config",
+        metavar="RUN.yaml",
+        help="take model, heads, kv, train_others, parallel.tp, ZeRO stage, dtype, sequence length and micro "
+        "batch from this alps-ds train run config (options given here override, --tp must agree)",
+    )
+    parser.add_argument("--model", metavar="CONFIG_OR_DIR", help="model folder, config.json or hub id")
+    parser.add_argument("--ratio", type=float, help="fraction of heads ALPS trains (default 0.1)")
     parser.add_argument("--heads", metavar="HEADS_JSON", help="plan for this selection instead of the worst case")
-    parser.add_argument("--kv", choices=KV_POLICIES, default="group", help="train K/V rows of selected heads")
-    parser.add_argument("--train-others", nargs="*", default=[], metavar="PATTERN", help="modules trained in full")
+    parser.add_argument("--kv", choices=KV_POLICIES, help="train K/V rows of selected heads (default group)")
+    parser.add_argument("--train-others", nargs="*", metavar="PATTERN", help="modules trained in full")
     parser.add_argument(
         "--zero",
         type=int,
-        default=DEFAULT_ZERO_STAGE,
         choices=ZERO_STAGES,
         help=f"ZeRO stage (default {DEFAULT_ZERO_STAGE}, as alps-ds train without a DeepSpeed config)",
     )
     parser.add_argument("--offload", action="store_true", help="ZeRO optimizer offload: master + Adam in host RAM")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--tp", type=int, help="tensor-parallel size (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--dp", type=int, help="data-parallel size (default: all GPUs / (tp * pp))")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (with --gpus-per-node gives the GPU count)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory per GPU in GiB")
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight/gradient dtype")
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weight/gradient dtype (default bf16)")
+    parser.add_argument("--seq-len", type=int, help="sequence length (default 4096)")
+    parser.add_argument("--micro-batch", type=int, help="sequences per rank per forward (default 1)")
     parser.add_argument(
-        "--checkpointing", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing"
+        "--checkpointing", action=argparse.BooleanOptionalAction, help="activation checkpointing (default on)"
     )
     parser.add_argument("--lora-rank", type=int, default=128)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -60,6 +65,58 @@ def resolve_dp(args: argparse.Namespace) -> int:
             f"{args.tp * args.pp}; change --nodes/--gpus-per-node or pass --dp"
         )
     return gpus // (args.tp * args.pp)
+
+
+DEFAULTS = {
+    "ratio": 0.1,
+    "kv": "group",
+    "train_others": [],
+    "zero": DEFAULT_ZERO_STAGE,
+    "tp": 1,
+    "dtype": "bf16",
+    "seq_len": 4096,
+    "micro_batch": 1,
+    "checkpointing": True,
+}
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """Options left out take the run config's values (``--config``, read the way train and check read
+    it: one source for the TP size, ZeRO stage and dtype), else the defaults above."""
+    if args.config:
+        from alps_ds.commands.check import load_run
+        from alps_ds.launcher.preflight import CheckInputs, fill_from_run
+
+        run = load_run(args.config)
+        inp = CheckInputs(world_size=1, tp=args.tp or 1, model=args.model, heads=args.heads)
+        given = {n for n in ("zero", "ratio", "seq_len", "micro_batch", "tp") if getattr(args, n) is not None}
+        fill_from_run(inp, run, given)
+        if inp.tp_conflict:
+            raise AlpsError(inp.tp_conflict)
+        if inp.model is None:
+            raise AlpsError(f"{args.config}: model.path {run.model.path} is built in code; pass --model")
+        taken = {
+            "model": inp.model,
+            "heads": inp.heads,
+            "ratio": inp.ratio,
+            "kv": inp.kv,
+            "train_others": list(inp.train_others),
+            "zero": inp.zero,
+            "tp": inp.tp,
+            "dtype": inp.dtype,
+            "seq_len": inp.seq_len,
+            "micro_batch": inp.micro_batch,
+            "checkpointing": inp.checkpointing,
+        }
+        for name, value in taken.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        args.offload = args.offload or inp.offload
+    if args.model is None:
+        raise AlpsError("--model is required (or --config RUN.yaml naming a model folder)")
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -92,6 +149,7 @@ def build(args: argparse.Namespace):
     from alps_ds.plan import Activation, Parallel, load_config, make_plan
     from alps_ds.selection import HeadSelection
 
+    fill_defaults(args)
     _validate(args)
     cfg = load_config(args.model)
     spec = AttentionSpec.from_config(cfg)

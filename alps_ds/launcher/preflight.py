@@ -55,6 +55,7 @@ class CheckInputs:
     master_addr: str | None = None
     master_port: int | None = None
     max_imbalance: float | None = None  # fail above this max/mean trainable elements over ranks
+    tp_conflict: str | None = None  # a --tp/--tp-layout the run config's parallel.tp contradicts
     notes: list[str] = field(default_factory=list)
 
 
@@ -104,7 +105,9 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
     cfg, spec, heads = _model_checks(inp, add)
     if spec is not None and inp.pp > spec.num_layers:
         add(Finding("pipeline", "fail", f"--pp {inp.pp} exceeds the model's {spec.num_layers} layers"))
-    if spec is not None:
+    if inp.tp_conflict:
+        add(Finding("tensor parallel", "fail", inp.tp_conflict))
+    elif spec is not None:
         _tp_checks(inp, spec, heads, add)
     else:
         add(Finding("tensor parallel", "skip", "no model config given (--model)"))
@@ -202,6 +205,10 @@ def _tp_checks(inp: CheckInputs, spec, heads, add) -> None:
     layout = inp.layout or spec.native_tp_layout
     try:
         mapping.TensorParallel(spec, layout, inp.tp)
+        if layout == "autotp":  # the rules alps-ds train (parallel.tp) and the AutoTP hook apply
+            from alps_ds.parallel.autotp import check_rules
+
+            check_rules(spec, inp.tp, heads=heads, kv=inp.kv, train_others=inp.train_others)
     except AlpsError as e:
         add(Finding("tensor parallel", "fail", str(e)))
         return
@@ -287,9 +294,13 @@ def add_check_arguments(parser) -> None:
     g.add_argument("--model", metavar="CONFIG_OR_DIR", help="model folder or config.json (default: from the run YAML)")
     g.add_argument("--heads", metavar="HEADS_JSON", help="head selection (default: from the run YAML)")
     g.add_argument("--ratio", type=float, help="head ratio for the memory plan without --heads (default: YAML, 0.1)")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    g.add_argument("--tp", type=int, help="tensor-parallel size (default: the run YAML's parallel.tp, 1)")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    g.add_argument("--tp-layout", choices=tuple(TP_LAYOUTS), help="how TP splits Q/K/V")
+    g.add_argument(
+        "--tp-layout",
+        choices=tuple(TP_LAYOUTS),
+        help="how TP splits Q/K/V (default: autotp when the run YAML sets parallel.tp, else the model's own)",
+    )
     g.add_argument(
         "--zero",
         type=int,
@@ -312,7 +323,7 @@ def inputs_from_args(
     """CheckInputs from CLI options, filling model/heads/output/ZeRO from a train run config ``run``."""
     inp = CheckInputs(
         world_size=world_size,
-        tp=args.tp,
+        tp=args.tp if args.tp is not None else 1,
         pp=args.pp,
         model=args.model,
         heads=args.heads,
@@ -329,12 +340,32 @@ def inputs_from_args(
         max_imbalance=args.max_imbalance,
     )
     if run is not None:
-        given = {name for name in ("zero", "ratio", "seq_len", "micro_batch") if getattr(args, name) is not None}
-        _fill_from_run(inp, run, given)
+        given = {name for name in ("zero", "ratio", "seq_len", "micro_batch", "tp") if getattr(args, name) is not None}
+        fill_from_run(inp, run, given)
     return inp
 
 
-def _fill_from_run(inp: CheckInputs, run, given: set[str]) -> None:
+def _tp_from_run(inp: CheckInputs, run, given: set[str]) -> None:
+    """The TP size and layout ``alps-ds train`` will use: ``parallel.tp``, AutoTP when above 1."""
+    tp = run.parallel.tp
+    if "tp" in given and inp.tp != tp:
+        inp.tp_conflict = (
+            f"--tp {inp.tp} disagrees with {run.source}: parallel.tp {tp}, which alps-ds train uses; "
+            "drop --tp or change parallel.tp"
+        )
+        return
+    if tp > 1 and inp.layout not in (None, "autotp"):
+        inp.tp_conflict = (
+            f"--tp-layout {inp.layout}: alps-ds train shards parallel.tp {tp} with DeepSpeed AutoTP; "
+            "drop --tp-layout (or pass autotp)"
+        )
+        return
+    inp.tp = tp
+    if tp > 1:
+        inp.layout = "autotp"
+
+
+def fill_from_run(inp: CheckInputs, run, given: set[str]) -> None:
     """Take what the run config (``alps_ds.train.config.RunConfig``) says where no option in ``given``
     overrides it: the shapes the job will train with, and its DeepSpeed config read as train reads it."""
     import json
@@ -354,6 +385,7 @@ def _fill_from_run(inp: CheckInputs, run, given: set[str]) -> None:
         inp.output_dir = run.output.dir
     inp.kv = run.kv
     inp.train_others = tuple(run.train_others)
+    _tp_from_run(inp, run, given)
     if "ratio" not in given:  # selection.method all trains every head, whatever selection.ratio says
         inp.ratio = 1.0 if run.selection.method == "all" else run.selection.ratio
     if "seq_len" not in given:

@@ -24,7 +24,7 @@ from alps_ds.arch import AttentionSpec
 from alps_ds.errors import AlpsError
 from alps_ds.hooked import HeadRows, HookedRows, HookReport, require_input_grads, set_submodule
 from alps_ds.layout import KVPolicy
-from alps_ds.parallel.mapping import TensorParallel, plan
+from alps_ds.parallel.mapping import ParallelPlan, TensorParallel, plan
 from alps_ds.selection import HeadSelection
 from alps_ds.sparse.hook import model_spec
 from alps_ds.sparse.module import HeadRowsLinear, reparametrize
@@ -67,16 +67,38 @@ class TPHeadRowsLinear(HeadRowsLinear):
         return self.__dict__["_shard"]
 
 
-def _check_every_rank_trains(spec: AttentionSpec, selection: HeadSelection, tp_size: int, kv: KVPolicy):
-    """The plan of ``selection`` on ``tp_size`` AutoTP ranks, refused if a rank would train nothing.
+def check_rules(
+    spec: AttentionSpec,
+    tp_size: int,
+    *,
+    heads: Iterable[tuple[int, int]] | None = None,
+    kv: KVPolicy = "group",
+    train_others: Iterable[str] | str = (),
+) -> ParallelPlan | None:
+    """Refuse what this hook cannot train on ``tp_size`` AutoTP ranks, before anything is sharded.
 
-    Checked on every rank alike (the plan is deterministic), so all ranks fail together instead of
-    one hanging in a collective: DeepSpeed ZeRO stops a rank with nothing to train with
-    "AssertionError: zero stage 2 requires an optimizer".
+    The one set of rules that :func:`shard`, :func:`apply`, ``alps-ds train`` (``parallel.tp``),
+    ``alps-ds check`` and ``alps-ds launch`` apply: separate q/k/v only, no ``train_others``, and
+    (given ``heads``) every TP rank holds selected rows. Returns the plan of ``heads`` (None without).
+    Deterministic, so every rank of a job fails alike instead of one hanging in a collective.
     """
-    result = plan(spec, selection.heads, tp=tp_size, layout="autotp", kv=kv)
+    if spec.layout != "separate":
+        raise AlpsError(
+            f"AutoTP hook: {spec.model_type} has a {spec.layout} qkv weight; only separate q/k/v is supported"
+        )
+    others = (train_others,) if isinstance(train_others, str) else tuple(train_others or ())
+    if tp_size > 1 and any(others):
+        raise AlpsError(
+            "AutoTP: train_others is not supported under tensor parallelism (replicated parameters would "
+            "need AutoTP's gradient all-reduce); train heads only, or use tp 1"
+        )
+    if heads is None:
+        TensorParallel(spec, "autotp", tp_size)
+        return None
+    result = plan(spec, heads, tp=tp_size, layout="autotp", kv=kv)
     empty = sorted(set(range(tp_size)) - {e.tp_rank for e in result.entries})
     if empty:
+        # DeepSpeed ZeRO stops a rank with nothing to train: "AssertionError: zero stage 2 requires an optimizer".
         raise AlpsError(
             f"AutoTP: tp rank(s) {empty} of {tp_size} hold none of the selected rows ({spec.num_kv_heads} kv heads, "
             f"cut on kv-group boundaries) and DeepSpeed ZeRO needs something to train on every rank; "
@@ -104,13 +126,9 @@ def shard(
     from deepspeed.utils import groups
 
     spec = model_spec(model, spec, "AutoTP shard")
-    if spec.layout != "separate":
-        raise AlpsError(
-            f"AutoTP hook: {spec.model_type} has a {spec.layout} qkv weight; only separate q/k/v is supported"
-        )
     if selection is not None:
         selection.check_model(spec)
-        _check_every_rank_trains(spec, selection, tp_size, kv)
+    check_rules(spec, tp_size, heads=None if selection is None else selection.heads, kv=kv)
     set_autotp_mode(training=True)
     groups._init_tp_mesh_device(tensor_model_parallel_size=tp_size)
     group = groups.get_tensor_model_parallel_group()
@@ -129,17 +147,12 @@ def shard(
     return model
 
 
-def _refuse_unhookable(model: nn.Module, train_others: Iterable[str] | str) -> None:
-    """AutoTP apply needs a model :func:`shard` sharded, not hooked yet, and no ``train_others``."""
+def _refuse_unhookable(model: nn.Module) -> None:
+    """AutoTP apply needs a model :func:`shard` sharded and not hooked yet (``train_others``: :func:`check_rules`)."""
     if not getattr(model, "ds_autotp_parsed", False):
         raise AlpsError("AutoTP apply: the model is not sharded; call alps_ds.parallel.autotp.shard(model, tp) first")
     if any(isinstance(m, HeadRows) for m in model.modules()):
         raise AlpsError("AutoTP apply: this model is already hooked; use a fresh model")
-    if train_others not in ((), "", None) and tuple((train_others,) if isinstance(train_others, str) else train_others):
-        raise AlpsError(
-            "AutoTP apply: train_others is not supported under tensor parallelism (replicated parameters would "
-            "need AutoTP's gradient all-reduce); train heads only, or use tp 1"
-        )
 
 
 def apply(
@@ -155,14 +168,15 @@ def apply(
     Freezes every parameter; the only trainable ones are the slices (one per hooked shard,
     marked ``tensor_model_parallel``). The TP size and rank are DeepSpeed's (set by ``shard``).
     ``train_others`` is refused: replicated parameters would need AutoTP's gradient hooks.
+    Under ZeRO-3 call :func:`pad_modules` next.
     """
     from deepspeed.utils import groups
 
     spec = model_spec(model, spec, "AutoTP apply")
-    _refuse_unhookable(model, train_others)
+    _refuse_unhookable(model)
     selection.check_model(spec)
     tp_size, rank = groups.get_tensor_model_parallel_world_size(), groups.get_tensor_model_parallel_rank()
-    result = _check_every_rank_trains(spec, selection, tp_size, kv)
+    result = check_rules(spec, tp_size, heads=selection.heads, kv=kv, train_others=train_others)
     for p in model.parameters():
         p.requires_grad_(False)
     tensor: TensorParallel = result.tensor
@@ -193,6 +207,29 @@ def apply(
     # the same graph.
     require_input_grads(model)
     return HookReport("autotp", kv, tuple(hooked))
+
+
+def pad_modules(
+    model: nn.Module, selection: HeadSelection, *, kv: KVPolicy = "group", spec: AttentionSpec | None = None
+) -> None:
+    """After :func:`apply`: wrap each q/k/v module another TP rank trains and this one does not with a
+    frozen slice of local row 0, so every rank has the same parameters. ZeRO-3 checks that all ranks
+    record the same parameter trace and otherwise stops the first forward with "Detected a disagreement
+    on list contents" (seen here). The forward recomputes row 0 from its own frozen values; nothing
+    trains, no optimizer state."""
+    from deepspeed.utils import groups
+
+    spec = model_spec(model, spec, "AutoTP pad_modules")
+    tp_size, rank = groups.get_tensor_model_parallel_world_size(), groups.get_tensor_model_parallel_rank()
+    result = plan(spec, selection.heads, tp=tp_size, layout="autotp", kv=kv)
+    mine = {(e.layer, e.module) for e in result.entries if e.tp_rank == rank}
+    for layer, module in sorted({(e.layer, e.module) for e in result.entries} - mine):
+        name = spec.module_path(layer, module)
+        mod = TPHeadRowsLinear(model.get_submodule(name), ((0, 1),), ())
+        for p in (mod.head_weight, mod.head_bias):
+            if p is not None:
+                p.requires_grad_(False)
+        set_submodule(model, name, mod)
 
 
 @torch.no_grad()

@@ -113,7 +113,7 @@ def save_checkpoint(
     engine.save_checkpoint(
         str(ckpt_dir), tag=tag, client_state={"alps_step": step}, save_latest=False, exclude_frozen_parameters=True
     )
-    if engine.zero_optimization():
+    if engine.zero_optimization() and engine.autotp_size() <= 1:  # TP ranks hold different slices: no elastic state
         elastic.save(engine, ckpt_dir / tag, step, rank, world)
     with atomic_file(ckpt_dir / tag / f"alps_rank{rank}.pt", "wb") as f:
         torch.save({"step": step, "rng": rng_state()}, f)

@@ -100,7 +100,10 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1  # tensor-parallel size (engine megatron); data parallel over the remaining ranks
+    """Model parallelism: ``tp`` > 1 shards attention and MLP over ``tp`` ranks (engine deepspeed: DeepSpeed
+    AutoTP training; engine megatron: megatron-core TP); data parallel runs over the remaining ``world / tp`` ranks."""
+
+    tp: int = 1
     pp: int = 1  # pipeline stages (no engine runs a pipeline schedule yet)
 
 
@@ -424,6 +427,8 @@ def validate(cfg: RunConfig) -> None:
     need(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be positive (or null: use epochs)")
     need(t.stop_after is None or t.stop_after > 0, "train.stop_after", "must be positive (or null)")
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    need(cfg.parallel.tp >= 1, "parallel.tp", "must be at least 1 (1: no tensor parallelism)")
+    need(cfg.parallel.pp >= 1, "parallel.pp", "must be at least 1 (1: no pipeline)")
     sel = cfg.selection
     if sel.heads is None:
         if sel.method not in ("all", "none"):
@@ -437,24 +442,33 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.output.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0 (0: only at the end)")
     need(cfg.output.keep_checkpoints >= 1, "output.keep_checkpoints", "must be at least 1")
     need(cfg.logging.every >= 1, "logging.every", "must be at least 1")
-    need(cfg.parallel.tp >= 1 and cfg.parallel.pp >= 1, "parallel", "tp and pp must be at least 1")
+    _validate_engine(cfg, need)
+
+
+def _validate_engine(cfg: RunConfig, need) -> None:
+    """The engine's own limits on the parallel layout and on what may train."""
     if cfg.engine == "megatron":
         validate_megatron(cfg, need)
     else:
+        need(cfg.parallel.pp == 1, "parallel.pp", "engine deepspeed runs no pipeline schedule here; set it to 1")
         need(
-            cfg.parallel.tp == 1 and cfg.parallel.pp == 1,
-            "parallel",
-            "engine deepspeed runs data parallel + ZeRO only; use engine: megatron for parallel.tp > 1",
+            cfg.parallel.tp == 1 or not cfg.train_others,
+            "train_others",
+            f"not supported with parallel.tp {cfg.parallel.tp} (modules trained in full would need AutoTP's gradient "
+            "all-reduce of replicated parameters); train heads only, or use parallel.tp 1",
         )
 
 
 def gradient_accumulation(cfg: RunConfig, world_size: int) -> int:
-    """Micro-steps per optimizer step so that micro_batch x steps x ranks equals the effective batch."""
+    """Micro-steps per optimizer step so that micro_batch x steps x data-parallel ranks equals the
+    effective batch (the ranks of one tensor-parallel group share their batch)."""
     t = cfg.train
-    per_step = t.micro_batch * world_size
+    dp = world_size // cfg.parallel.tp
+    per_step = t.micro_batch * dp
     if t.batch % per_step:
+        ranks = f"data-parallel ranks, {world_size} / parallel.tp {cfg.parallel.tp}" if cfg.parallel.tp > 1 else "ranks"
         raise AlpsError(
-            f"{cfg.source}: train.batch: {t.batch} is not a multiple of train.micro_batch x ranks "
-            f"({t.micro_batch} x {world_size} = {per_step}); pick a batch divisible by {per_step}"
+            f"{cfg.source}: train.batch: {t.batch} is not a multiple of train.micro_batch x {ranks} "
+            f"({t.micro_batch} x {dp} = {per_step}); pick a batch divisible by {per_step}"
         )
     return t.batch // per_step

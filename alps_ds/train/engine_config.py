@@ -76,9 +76,27 @@ def deepspeed_config(cfg: RunConfig, grad_accum: int) -> dict[str, Any]:
     for prec in ("bf16", "fp16"):
         if ds.get(prec, {}).get("enabled") == "auto":
             raise AlpsError(f"{src}: {prec}.enabled: write true or false (mixed precision is set in the DS config)")
+    _tensor_parallel(ds, cfg.parallel.tp, src)
     ds.setdefault("steps_per_print", 1 << 30)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def _tensor_parallel(ds: dict[str, Any], tp: int, src: str) -> None:
+    """``tensor_parallel.autotp_size`` from ``parallel.tp`` (the one place the TP size is set)."""
+    section = ds.get("tensor_parallel", {})
+    if not isinstance(section, dict):
+        raise AlpsError(f"{src}: tensor_parallel: expected a JSON object; set the size with parallel.tp instead")
+    have = section.get("autotp_size", "auto")
+    if have not in ("auto", tp) and not (tp == 1 and have in (0, 1)):
+        raise AlpsError(
+            f"{src}: tensor_parallel.autotp_size is {have!r} but parallel.tp is {tp}; "
+            'set the size with parallel.tp (remove the key or write "auto")'
+        )
+    if tp > 1:
+        ds["tensor_parallel"] = {**section, "autotp_size": tp}
+    elif "tensor_parallel" in ds:
+        ds["tensor_parallel"] = {**section, "autotp_size": 0}
 
 
 def zero_stage(ds: dict[str, Any]) -> int:

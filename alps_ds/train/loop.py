@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from alps_ds.arch import AttentionSpec
 from alps_ds.digest import base_record
 from alps_ds.errors import AlpsError
 from alps_ds.fsutil import atomic_write_text
@@ -28,10 +29,10 @@ from alps_ds.train.config import RunConfig, gradient_accumulation
 from alps_ds.train.data import StepPlan, collate, tokenize_all
 from alps_ds.train.distributed import barrier, init_distributed, quiet_logs
 from alps_ds.train.engine_config import deepspeed_config, lr_lambda, train_dtype, zero_stage
-from alps_ds.train.export import export
 from alps_ds.train.heads import resolve_selection
 from alps_ds.train.model import load_model, load_tokenizer, resolve_model_dir
 from alps_ds.train.report import Summary, TrainLog, open_tensorboard, optimizer_bytes
+from alps_ds.train.tensor_parallel import Grid, check_resume_tp, export, grid, hook_model, load_model_stage
 
 
 def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
@@ -71,6 +72,7 @@ class Run:
     total_steps: int
     start_step: int
     base: dict | None = None  # digest record of the base Q/K/V (latest.json), refused on resume if it changed
+    tp: Grid | None = None  # this rank's place in tp x dp (parallel.tp)
     log: TrainLog | None = None  # rank 0 only
     writer: Any = None  # TensorBoard SummaryWriter, rank 0 with logging.tensorboard
 
@@ -93,24 +95,23 @@ def setup(cfg: RunConfig, *, resume: bool = False, hook=None) -> Run:
     start_wall = time.time()
     rank, world = init_distributed()
     quiet_logs(rank)
+    tp = grid(cfg, rank, world)
     out = Path(cfg.output.dir)
     ckpt_dir = out / "checkpoints"
     latest = _latest_checkpoint(ckpt_dir, out, rank, world, resume)
-
-    from alps_ds.arch import AttentionSpec
-
     model_dir = resolve_model_dir(cfg, out, rank)
     spec = AttentionSpec.from_pretrained(model_dir)
     base = base_record(model_dir)  # every rank reads it (cheap), so every rank refuses a changed base alike
     tokenizer = load_tokenizer(cfg, model_dir)
     grad_accum = gradient_accumulation(cfg, world)
     ds_config = deepspeed_config(cfg, grad_accum)
-    if latest is not None:  # same base and batch; another world size or ZeRO stage resumes elastically
-        check_base(ckpt_dir, latest, base)
-        check_resume(ckpt_dir, latest, world, zero_stage(ds_config), cfg.train.batch)
-    examples, stats, plan, total_steps = _prepare_data(cfg, tokenizer, grad_accum, world, rank)
+    if latest is not None:
+        _refuse_bad_resume(ckpt_dir, latest, cfg, base, world, zero_stage(ds_config))
+    examples, stats, plan, total_steps = _prepare_data(cfg, tokenizer, grad_accum, tp.dp, rank)
     selection = resolve_selection(cfg, spec, model_dir, out, rank, resume and latest is not None)
-    engine, scheduler, report, zero_init = _build_engine(cfg, model_dir, spec, selection, ds_config, total_steps, hook)
+    engine, scheduler, report, zero_init = _build_engine(
+        cfg, model_dir, spec, selection, ds_config, total_steps, tp, hook
+    )
     if rank == 0:  # only once every input checked out: a failed start leaves output.dir as it was
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
@@ -142,10 +143,19 @@ def setup(cfg: RunConfig, *, resume: bool = False, hook=None) -> Run:
         total_steps=total_steps,
         start_step=start_step,
         base=base,
+        tp=tp,
     )
     if rank == 0:
         _open_logs(run, stats)
     return run
+
+
+def _refuse_bad_resume(ckpt_dir: Path, latest: dict, cfg: RunConfig, base, world: int, stage: int) -> None:
+    """Same base, batch and TP size, or one line on every rank; another world size or ZeRO stage resumes
+    elastically."""
+    check_base(ckpt_dir, latest, base)
+    check_resume_tp(ckpt_dir, latest, cfg, world, stage)
+    check_resume(ckpt_dir, latest, world, stage, cfg.train.batch)
 
 
 def _latest_checkpoint(ckpt_dir: Path, out: Path, rank: int, world: int, resume: bool) -> str | None:
@@ -171,24 +181,23 @@ def _prepare_data(cfg: RunConfig, tokenizer, grad_accum: int, world: int, rank: 
     return examples, stats, plan, total_steps
 
 
-def _build_engine(cfg: RunConfig, model_dir: Path, spec, selection, ds_config: dict, total_steps: int, hook=None):
+def _build_engine(
+    cfg: RunConfig, model_dir: Path, spec, selection, ds_config: dict, total_steps: int, tp: Grid, hook=None
+):
     """The base model with the selection hooked in, wrapped by ``deepspeed.initialize`` with AdamW (unless the
     DS config names an optimizer) and the LR schedule. Returns (engine, scheduler, report, zero_init)."""
     import deepspeed
-
-    from alps_ds.sparse import apply, trainable_report
 
     t = cfg.train
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
-    model = load_model(model_dir, ds_config, zero_stage(ds_config), train_dtype(ds_config))
+    model = load_model(model_dir, ds_config, load_model_stage(zero_stage(ds_config), cfg), train_dtype(ds_config))
     zero_init = any(hasattr(p, "ds_id") for p in model.parameters())  # zero.Init took effect
     model.config.use_cache = False
-    (hook or apply)(model, selection, kv=cfg.kv, train_others=tuple(cfg.train_others), spec=spec)
+    report = hook_model(model, selection, cfg, spec, zero_stage(ds_config), hook)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    report = trainable_report(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise AlpsError(
@@ -205,6 +214,7 @@ def _build_engine(cfg: RunConfig, model_dir: Path, spec, selection, ds_config: d
         optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config,
+        mpu=tp.mpu,
     )
     return engine, scheduler, report, zero_init
 
@@ -243,7 +253,7 @@ def run_steps(run: Run) -> Progress:
     progress = Progress(run.start_step, None, None, 0)
     step = run.start_step
     run.engine.train()
-    for step, micro in run.plan.iterate(run.start_step, run.rank):
+    for step, micro in run.plan.iterate(run.start_step, run.tp.dp_rank):
         if step >= stop_at:
             break
         tic = time.perf_counter()
@@ -282,7 +292,7 @@ def _step(run: Run, micro: list[list[int]]) -> tuple[float, int]:
         engine.step()
         loss_sum += float(loss.detach().float())
     # on the engine's device: NCCL reduces only GPU tensors (gloo takes the CPU one)
-    totals = torch.tensor([loss_sum / run.grad_accum, float(tokens)], dtype=torch.float64, device=engine.device)
+    totals = torch.tensor([loss_sum / run.grad_accum, run.tp.tokens(tokens)], dtype=torch.float64, device=engine.device)
     dist.all_reduce(totals)
     return float(totals[0]) / run.world, int(totals[1])
 
@@ -310,7 +320,7 @@ def finish(run: Run, progress: Progress) -> Summary | None:
         )
     finished = final_step >= run.total_steps
     per_rank: list[Any] = [None] * run.world
-    dist.all_gather_object(per_rank, optimizer_bytes(run.engine))
+    dist.all_gather_object(per_rank, optimizer_bytes(run.engine) | run.tp.facts(run.engine))
     merged_dir = adapter_dir = None
     if finished:
         merged_dir, adapter_dir = export(cfg, run.engine, run.selection, run.model_dir, run.out, run.rank)
@@ -340,6 +350,7 @@ def _summary(run: Run, progress: Progress, per_rank: list, merged_dir, adapter_d
         heads_selected=len(run.selection),
         optimizer_bytes_per_rank=per_rank,
         world_size=run.world,
+        tensor_parallel=run.tp.tp,
         grad_accum=run.grad_accum,
         zero_stage=run.stage,
         zero_init=run.zero_init,

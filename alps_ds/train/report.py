@@ -37,6 +37,7 @@ class Summary:
     wall_seconds: float
     merged: str | None
     adapter: str | None
+    tensor_parallel: int = 1  # parallel.tp: world_size = tensor_parallel x data-parallel ranks
 
 
 def _step_of(line: str) -> float:

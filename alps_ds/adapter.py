@@ -237,14 +237,22 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
 
 
 def _shard_map(base: Path) -> dict[str, str]:
-    """Tensor name -> shard file name of a HF safetensors checkpoint (sharded or single)."""
-    from alps_ds.localize.reader import INDEX_FILE, SINGLE_FILE, read_header, read_index
+    """Tensor name -> shard file name of the safetensors files ``from_pretrained`` reads from ``base``."""
+    from alps_ds.localize.reader import INDEX_FILE, SINGLE_FILE, weight_shards
 
-    if (base / INDEX_FILE).is_file():
-        return read_index(base / INDEX_FILE)
-    if (base / SINGLE_FILE).is_file():
-        return dict.fromkeys(read_header(base / SINGLE_FILE), SINGLE_FILE)
-    raise AlpsError(f"{base}: no {INDEX_FILE} or {SINGLE_FILE}; point --base to a safetensors HF checkpoint")
+    shard_of = weight_shards(base)
+    if not shard_of:
+        raise AlpsError(f"{base}: no {INDEX_FILE} or {SINGLE_FILE}; point --base to a safetensors HF checkpoint")
+    return shard_of
+
+
+def _unread_weights(base: Path, shard_of: dict[str, str]) -> set[str]:
+    """Safetensors files in ``base`` that ``from_pretrained`` does not read (a stale index or shards beside
+    model.safetensors): left out of a merged copy, where they would hold the untrained base."""
+    from alps_ds.localize.reader import weights_entry
+
+    read = set(shard_of.values()) | {weights_entry(base).name}
+    return {p.name for p in base.iterdir() if p.name.endswith((".safetensors", ".safetensors.index.json"))} - read
 
 
 def merge_adapter_into_checkpoint(
@@ -282,8 +290,9 @@ def merge_adapter_into_checkpoint(
             "copy the complete checkpoint"
         )
     try:
-        with atomic_dir(out) as tmp:
-            entries = sorted(base.iterdir())
+        with atomic_dir(out, command="merge") as tmp:
+            unread = _unread_weights(base, shard_of)
+            entries = sorted(p for p in base.iterdir() if p.name not in unread)
             for entry in tqdm(entries, desc="merge", unit="file", disable=not progress):
                 target = tmp / entry.name
                 if entry.name not in edits:

@@ -17,12 +17,22 @@ Head = tuple[int, int]
 METHODS = ("top-k", "random", "layer-consistent", "all", "none")
 
 
-def count_for_ratio(ratio: float, num_layers: int, num_heads: int) -> int:
-    """K = ceil(r * L * n), with r in (0, 1]."""
+def count_for_ratio(ratio: float, num_layers: int, num_heads: int, *, name: str = "--ratio") -> int:
+    """K = ceil(r * L * n), with r in (0, 1]; a ratio too small to keep one head is refused, never 0 heads.
+
+    ``name`` is the flag or key the ratio came from, for the error message.
+    """
     if not isinstance(ratio, (int, float)) or not (0 < ratio <= 1):  # NaN fails the comparison too
-        raise AlpsError(f"--ratio {ratio!r} is outside (0, 1]; use e.g. --ratio 0.1 for 10 % of heads")
+        raise AlpsError(f"{name} {ratio!r} is outside (0, 1]; use e.g. {name} 0.1 for 10 % of heads")
     # round() first: 0.1 * 80 * 64 is 512.0000000000001 in binary floating point.
-    return math.ceil(round(ratio * num_layers * num_heads, 9))
+    k = math.ceil(round(ratio * num_layers * num_heads, 9))
+    if k == 0:
+        total = num_layers * num_heads
+        raise AlpsError(
+            f"{name} {ratio!r} keeps 0 of {total} heads ({num_layers} layers x {num_heads}); "
+            f"use at least {name} {1 / total:.3g} for one head"
+        )
+    return k
 
 
 def top_k(scores: Sequence[Sequence[float]] | np.ndarray, k: int) -> list[Head]:
@@ -76,20 +86,30 @@ def parse_heads(text: str, num_layers: int | None = None, num_heads: int | None 
         if num_layers is not None and num_heads is not None and not (layer < num_layers and h < num_heads):
             raise AlpsError(f"--heads: {item} is outside the model ({num_layers} layers x {num_heads} heads, 0-based)")
         heads.append((layer, h))
+    if not heads:
+        raise AlpsError("--heads: no head listed; write e.g. --heads 3:5,7:0 (0-based), or use --select none")
     if len(set(heads)) != len(heads):
         raise AlpsError("--heads: a head is listed twice; list each LAYER:HEAD once")
     return sorted(heads)
 
 
 def choose(
-    method: str, *, num_layers: int, num_heads: int, ratio: float, seed: int = 0, scores: np.ndarray | None = None
+    method: str,
+    *,
+    num_layers: int,
+    num_heads: int,
+    ratio: float,
+    seed: int = 0,
+    scores: np.ndarray | None = None,
+    ratio_name: str = "--ratio",
 ) -> list[Head]:
-    """Dispatch on the method name used by the CLI and recorded in heads.json."""
+    """Dispatch on the method name used by the CLI and recorded in heads.json (``ratio_name``: where the ratio
+    came from, for errors)."""
     if method == "all":
         return all_heads(num_layers, num_heads)
     if method == "none":
         return []
-    k = count_for_ratio(ratio, num_layers, num_heads)
+    k = count_for_ratio(ratio, num_layers, num_heads, name=ratio_name)
     if method == "top-k":
         if scores is None:
             raise AlpsError("--select top-k needs scores; run localize with --base and --task")

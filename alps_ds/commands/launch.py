@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 
+from alps_ds.argtypes import integer
 from alps_ds.errors import AlpsError
 
 HELP = "launch training on several nodes (hostfile, SLURM, mpirun) after pre-flight checks; --dry-run prints argv"
@@ -31,9 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--hostfile", metavar="FILE", help="'HOST slots=N' per line (see launch/hostfile.example)")
     src.add_argument("--slurm", action="store_true", help="take hosts, GPUs and node rank from the SLURM job")
     parser.add_argument("--mpi", action="store_true", help="start ranks with one mpirun (hosts from --hostfile)")
-    parser.add_argument("--nproc-per-node", type=int, metavar="N", help="ranks per node (default: slots / GPUs / 1)")
+    parser.add_argument(
+        "--nproc-per-node", type=integer(1), metavar="N", help="ranks per node (default: slots / GPUs / 1)"
+    )
     parser.add_argument("--master-addr", metavar="A", help="rendezvous host (default: the first host)")
-    parser.add_argument("--master-port", type=int, default=DEFAULT_PORT, metavar="P", help="rendezvous port")
+    parser.add_argument(
+        "--master-port", type=integer(1, 65535), default=DEFAULT_PORT, metavar="P", help="rendezvous port"
+    )
     parser.add_argument(
         "--starter", choices=("deepspeed", "torchrun"), default="deepspeed", help="what starts ranks on each node"
     )
@@ -44,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the deepspeed launcher reaches the other nodes (without --no-ssh)",
     )
     parser.add_argument("--no-ssh", action="store_true", help="one deepspeed command per node (run each on its node)")
-    parser.add_argument("--node-rank", type=int, help="with per-node commands: which node this is")
+    parser.add_argument("--node-rank", type=integer(0), help="with per-node commands: which node this is")
     parser.add_argument("--include", help="deepspeed --include, e.g. 'node1:0,1@node2:0' (default: all slots)")
     parser.add_argument("--mpi-flavor", choices=("auto", *MPI_FLAVORS), default="auto")
     parser.add_argument("--hostfile-out", metavar="FILE", help="--slurm: where to write the hostfile")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import io
 
+from alps_ds.argtypes import integer, ratio
+
 HELP = "score every attention head by how far the task model moved it; write heads.json, scores.csv, heatmap.png"
 DESCRIPTION = (
     "Stream the Q/K/V weights of a base model and its task fine-tune layer by layer, score every "
@@ -18,11 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model: folder written by save_pretrained, or a hub id")
     p.add_argument("--task", required=True, help="task model (a fine-tune of the base): folder or hub id")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files replaced atomically)")
-    p.add_argument("--ratio", type=float, default=0.1, help="fraction of all heads to keep, in (0, 1] (default 0.1)")
+    p.add_argument("--ratio", type=ratio, default=0.1, help="fraction of all heads to keep, in (0, 1] (default 0.1)")
     p.add_argument("--metric", default="w1", help="w1 (default, s_PAD) | w1-index | kl | js | cosine | euclidean")
     p.add_argument("--head-repr", default="product", help="product (paper eq. 5, default) | qkv-concat")
     p.add_argument("--select", default=None, help="top-k (default) | random | layer-consistent | all | none")
-    p.add_argument("--seed", type=int, default=0, help="seed of --select random / layer-consistent (default 0)")
+    p.add_argument("--seed", type=integer(0), default=0, help="seed of --select random / layer-consistent (default 0)")
     p.add_argument(
         "--dtype",
         default="float32",
@@ -42,14 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _validate(args: argparse.Namespace) -> str:
     """Check every flag before reading anything; returns the selection method."""
-    from alps_ds.choose import METHODS, count_for_ratio, parse_heads
+    from alps_ds.choose import METHODS, parse_heads
     from alps_ds.errors import AlpsError
     from alps_ds.localize.score import DTYPES, HEAD_REPRS, METRICS, check_choice
 
     check_choice("--metric", args.metric, METRICS)
     check_choice("--head-repr", args.head_repr, HEAD_REPRS)
     check_choice("--dtype", args.dtype, DTYPES)
-    count_for_ratio(args.ratio, 1, 1)  # raises the --ratio error for values outside (0, 1]
     if args.heads is not None:
         if args.select is not None:
             raise AlpsError("--heads and --select both given; use one (--heads is an explicit selection)")
@@ -96,18 +97,14 @@ def run(args: argparse.Namespace) -> int:
     from alps_ds import __version__
     from alps_ds.choose import choose, parse_heads
     from alps_ds.errors import AlpsError
-    from alps_ds.fsutil import atomic_write_bytes, atomic_write_text
+    from alps_ds.fsutil import atomic_files, check_output_dir
     from alps_ds.heatmap import Panel, render_heatmap
     from alps_ds.localize import localize_scores
     from alps_ds.selection import HeadSelection, Provenance
 
     method = _validate(args)
-    out = Path(args.out)
-    # Before scoring (minutes on a large model): DIR, or the first of its parents that exists, must be a folder.
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        what = "exists and is not a folder" if existing == out else f"{existing} is a file, not a folder"
-        raise AlpsError(f"--out {out}: {what}; pick another path")
+    # Before scoring (minutes on a large model). Files in DIR other than the three written are left alone.
+    out = check_output_dir(args.out, flag="--out", command="localize", inputs=(args.base, args.task), whole=False)
     result = localize_scores(
         args.base,
         args.task,
@@ -143,10 +140,11 @@ def run(args: argparse.Namespace) -> int:
     title = f"{Path(str(args.task)).name} vs {Path(str(args.base)).name}: {args.metric}, {args.head_repr}"
     png = render_heatmap([Panel(title, L, n, scores, sel.heads)])
     try:
-        atomic_write_text(out / "heads.json", heads_json)
-        atomic_write_text(out / "scores.csv", csv)
-        atomic_write_bytes(out / "heatmap.png", png)
-    except OSError as e:  # read-only, full disk: each file is either the old one or the new one
+        with atomic_files(out, command="localize") as put:  # all three replace the old ones in one swap
+            put("heads.json", heads_json)
+            put("scores.csv", csv)
+            put("heatmap.png", png)
+    except OSError as e:  # read-only, full disk: the old files are all still there
         raise AlpsError(f"--out {out}: cannot write ({e.strerror or e}); pick a writable folder") from e
     print(_summary(sel, scores, result, out))
     return 0

@@ -6,6 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 
+from alps_ds.argtypes import integer, number, ratio
 from alps_ds.errors import AlpsError
 
 HELP = "per-GPU memory of an ALPS job (vs full fine-tuning and LoRA) and whether it fits"
@@ -19,26 +20,26 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help="model folder, config.json or hub id")
-    parser.add_argument("--ratio", type=float, default=0.1, help="fraction of heads ALPS trains (default 0.1)")
+    parser.add_argument("--ratio", type=ratio, default=0.1, help="fraction of heads ALPS trains (default 0.1)")
     parser.add_argument("--heads", metavar="HEADS_JSON", help="plan for this selection instead of the worst case")
     parser.add_argument("--kv", choices=("group", "none"), default="group", help="train K/V rows of selected heads")
     parser.add_argument("--train-others", nargs="*", default=[], metavar="PATTERN", help="modules trained in full")
     parser.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3), help="ZeRO stage (default 3)")
     parser.add_argument("--offload", action="store_true", help="ZeRO optimizer offload: master + Adam in host RAM")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    parser.add_argument("--dp", type=int, help="data-parallel size (default: all GPUs / (tp * pp))")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes (with --gpus-per-node gives the GPU count)")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory per GPU in GiB")
-    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
+    parser.add_argument("--tp", type=integer(1), default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=integer(1), default=1, help="pipeline-parallel size")
+    parser.add_argument("--dp", type=integer(1), help="data-parallel size (default: all GPUs / (tp * pp))")
+    parser.add_argument("--nodes", type=integer(1), default=1, help="nodes (with --gpus-per-node gives the GPU count)")
+    parser.add_argument("--gpus-per-node", type=integer(1), default=8)
+    parser.add_argument("--gpu-mem", type=number(above=0), default=80.0, metavar="GIB", help="memory per GPU in GiB")
+    parser.add_argument("--headroom", type=number(), default=0.1, help="fraction of GPU memory kept free (default 0.1)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight/gradient dtype")
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=integer(1), default=4096)
+    parser.add_argument("--micro-batch", type=integer(1), default=1)
     parser.add_argument(
         "--checkpointing", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing"
     )
-    parser.add_argument("--lora-rank", type=int, default=128)
+    parser.add_argument("--lora-rank", type=integer(1), default=128)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -59,9 +60,6 @@ def build(args: argparse.Namespace):
     from alps_ds.plan import Activation, Parallel, load_config, make_plan
     from alps_ds.selection import HeadSelection
 
-    for name in ("seq_len", "micro_batch", "gpus_per_node", "nodes", "lora_rank"):
-        if getattr(args, name) < 1:
-            raise AlpsError(f"--{name.replace('_', '-')} must be at least 1")
     cfg = load_config(args.model)
     heads = None
     if args.heads:

@@ -269,22 +269,28 @@ def failed(findings: list[Finding]) -> bool:
 
 def add_check_arguments(parser) -> None:
     """Options shared by ``alps-ds check`` and ``alps-ds launch``: what to check the job against."""
+    from alps_ds.argtypes import integer, number, ratio
+
     g = parser.add_argument_group("pre-flight checks")
     g.add_argument("--model", metavar="CONFIG_OR_DIR", help="model folder or config.json (default: from the run YAML)")
     g.add_argument("--heads", metavar="HEADS_JSON", help="head selection (default: from the run YAML)")
-    g.add_argument("--ratio", type=float, help="head ratio for the memory plan without --heads (default: YAML, 0.1)")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    g.add_argument("--ratio", type=ratio, help="head ratio for the memory plan without --heads (default: YAML, 0.1)")
+    g.add_argument("--tp", type=integer(1), default=1, help="tensor-parallel size")
+    g.add_argument("--pp", type=integer(1), default=1, help="pipeline-parallel size")
     g.add_argument("--tp-layout", choices=("hf", "fused", "neox", "megatron", "autotp"), help="how TP splits Q/K/V")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage for the memory plan (default: YAML, 2)")
     g.add_argument("--offload", action="store_true", help="plan with ZeRO optimizer offload")
-    g.add_argument("--gpu-mem", type=float, metavar="GIB", help="GPU memory in GiB; enables the memory check")
+    g.add_argument("--gpu-mem", type=number(above=0), metavar="GIB", help="GPU memory in GiB; enables the memory check")
     g.add_argument(
-        "--seq-len", type=int, help="sequence length for the activation estimate (default: YAML data.max_length, 4096)"
+        "--seq-len",
+        type=integer(1),
+        help="sequence length for the activation estimate (default: YAML data.max_length, 4096)",
     )
-    g.add_argument("--micro-batch", type=int, help="micro batch for the activation estimate (default: YAML, 1)")
+    g.add_argument("--micro-batch", type=integer(1), help="micro batch for the activation estimate (default: YAML, 1)")
     g.add_argument("--output-dir", metavar="DIR", help="where the job writes (default: from the run YAML)")
-    g.add_argument("--max-imbalance", type=float, help="fail when max/mean trainable elements over ranks exceeds it")
+    g.add_argument(
+        "--max-imbalance", type=number(above=0), help="fail when max/mean trainable elements over ranks exceeds it"
+    )
 
 
 def inputs_from_args(

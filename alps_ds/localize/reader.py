@@ -10,6 +10,7 @@ reads, memory holds exactly the tensors the caller keeps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -92,6 +93,41 @@ def read_index(path: Path) -> dict[str, str]:
     return weight_map
 
 
+def weights_entry(model_dir: Path) -> Path | None:
+    """The safetensors file ``from_pretrained`` loads a local folder from, so that localize, train and merge read
+    the same weights it does: config.json's ``transformers_weights`` when set, else ``model.safetensors``, else
+    the shard index (transformers 5 prefers the single file when both exist); None without safetensors."""
+    explicit = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        explicit = json.loads((model_dir / "config.json").read_text()).get("transformers_weights")
+    if explicit is not None:
+        name = str(explicit)
+        if Path(name).name != name or not name.endswith((".safetensors", ".safetensors.index.json")):
+            raise AlpsError(
+                f"{model_dir / 'config.json'}: transformers_weights {explicit!r} is not a safetensors file in the "
+                "model folder; fix or remove the key"
+            )
+        return model_dir / name
+    for name in (SINGLE_FILE, INDEX_FILE):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    return None
+
+
+def weight_shards(model_dir: Path) -> dict[str, str]:
+    """Tensor name -> shard file name of the checkpoint :func:`weights_entry` picks, every shard's header checked
+    (a missing or truncated shard is one error naming it); {} without safetensors."""
+    entry = weights_entry(model_dir)
+    if entry is None:
+        return {}
+    if entry.name.endswith(".index.json"):
+        shard_of = read_index(entry)
+        for shard in sorted(set(shard_of.values())):
+            read_header(model_dir / shard)
+        return shard_of
+    return dict.fromkeys(read_header(entry), entry.name)
+
+
 def read_header(shard: Path) -> dict[str, TensorInfo]:
     """Parse a safetensors header; errors name the file."""
     try:
@@ -153,10 +189,11 @@ class CheckpointReader:
 
     def _locate(self) -> None:
         """Map every needed tensor name to its shard and byte range, reading headers only."""
-        index_path, single = self.dir / INDEX_FILE, self.dir / SINGLE_FILE
-        if index_path.is_file():
-            index = read_index(index_path)
-        elif single.is_file():
+        entry = weights_entry(self.dir)  # the file from_pretrained would load, so both read the same weights
+        index_path = single = entry
+        if entry is not None and entry.name.endswith(".index.json"):
+            index = read_index(entry)
+        elif entry is not None:
             index = None
         else:
             pickled = [p for p in _PICKLE_FILES if (self.dir / p).exists()]

@@ -9,14 +9,17 @@ from alps_ds.train.distributed import on_rank0
 
 
 def resolve_selection(cfg: RunConfig, spec, model_dir: Path, out: Path, rank: int, resume: bool):
-    """The run's HeadSelection, saved as OUT/heads.json by rank 0 (a resumed run reuses that file)."""
-    from alps_ds.choose import choose
+    """The run's HeadSelection (a resumed run reuses OUT/heads.json; the loop saves it once training can start)."""
+    from alps_ds.choose import choose, count_for_ratio
     from alps_ds.selection import HeadSelection, Provenance
 
     saved = out / "heads.json"
     sel_cfg = cfg.selection
     if resume and saved.exists():
         return HeadSelection.load(saved, spec=spec)
+    if not sel_cfg.heads and sel_cfg.method not in ("all", "none"):  # before localizing: never 0 heads
+        name = f"{cfg.where('selection.ratio')}: selection.ratio"
+        count_for_ratio(sel_cfg.ratio, spec.num_layers, spec.num_heads, name=name)
     if sel_cfg.heads:
         selection = HeadSelection.load(sel_cfg.heads, spec=spec)
     elif sel_cfg.method == "top-k":
@@ -32,8 +35,6 @@ def resolve_selection(cfg: RunConfig, spec, model_dir: Path, out: Path, rank: in
         ratio = None if sel_cfg.method in ("all", "none") else sel_cfg.ratio
         provenance = Provenance(select=sel_cfg.method, ratio=ratio, seed=sel_cfg.seed, base=cfg.model.path)
         selection = HeadSelection(spec.fingerprint, tuple(heads), provenance)
-    if rank == 0:
-        selection.save(saved)
     return selection
 
 

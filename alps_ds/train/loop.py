@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from alps_ds.errors import AlpsError
-from alps_ds.fsutil import atomic_write_text
+from alps_ds.fsutil import atomic_write_text, claim_dir
 from alps_ds.train.checkpoint import check_world_size, load_checkpoint, read_latest, save_checkpoint
 from alps_ds.train.config import RunConfig, gradient_accumulation
 from alps_ds.train.data import StepPlan, collate, tokenize_all
@@ -99,7 +99,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
         config=ds_config,
     )
     if rank == 0:  # only once every input checked out: a failed start leaves output.dir as it was
-        out.mkdir(parents=True, exist_ok=True)
+        claim_dir(out, "train")
+        selection.save(out / "heads.json")
         atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
 
     start_step = 0

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from alps_ds.errors import AlpsError
-from alps_ds.fsutil import atomic_dir
+from alps_ds.fsutil import atomic_dir, claim_dir
 from alps_ds.train.config import RunConfig
 from alps_ds.train.distributed import on_rank0
 
@@ -21,6 +21,7 @@ def resolve_model_dir(cfg: RunConfig, out: Path, rank: int) -> Path:
 
         def build() -> None:
             if not (target / "config.json").exists():
+                claim_dir(out, "train")
                 build_tiny_base(path.removeprefix("tiny:"), target, seed=cfg.model.seed)
 
         on_rank0(build, rank)
@@ -29,7 +30,13 @@ def resolve_model_dir(cfg: RunConfig, out: Path, rank: int) -> Path:
     if local.is_dir():
         if not (local / "config.json").exists():
             raise AlpsError(f"model.path: {local} has no config.json; point to a Hugging Face model folder")
-        if not any(local.glob("*.safetensors")):
+        from alps_ds.localize.reader import weight_shards
+
+        try:  # the files from_pretrained will read, every header checked: a truncated shard is one line here
+            shards = weight_shards(local)
+        except AlpsError as e:
+            raise AlpsError(f"model.path: {e}") from None
+        if not shards:
             pickled = sorted(p.name for p in local.glob("*.bin"))
             what = f"only {pickled[0]}, a pickle that can run code" if pickled else "no weights"
             raise AlpsError(
@@ -80,15 +87,29 @@ def load_tokenizer(cfg: RunConfig, model_dir: Path):
 
 def load_model(model_dir: Path, ds_config: dict[str, Any], stage: int, dtype: torch.dtype):
     """The base causal LM in the training dtype; under ZeRO-3 built partitioned (zero.Init via HfDeepSpeedConfig)."""
-    from transformers import AutoModelForCausalLM
-
+    hf_ds = None
     if stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         # transformers builds under deepspeed.zero.Init (and loads the shards into the partitions)
         # while this object is alive; keep it on the model for the run's lifetime.
         hf_ds = HfDeepSpeedConfig(ds_config)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
+    model = _from_pretrained(model_dir, dtype)
+    if hf_ds is not None:
         model._alps_hf_ds_config = hf_ds
-        return model
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
+    return model
+
+
+def _from_pretrained(model_dir: Path, dtype: torch.dtype):
+    """``from_pretrained``, with what it raises on a damaged checkpoint turned into one line naming the folder."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise AlpsError(
+            f"model.path: {model_dir}: transformers cannot load this model ({type(e).__name__}: {first}); "
+            "re-download or re-save it with save_pretrained"
+        ) from e

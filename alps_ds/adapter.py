@@ -8,9 +8,11 @@ to resume training), or merged into a base checkpoint shard by shard without loa
 
 Layout of an adapter folder::
 
-    adapter.json          format, version, kv policy, dtype, the heads.json selection, and per module
-                          the checkpoint key, row ranges and rows per kind
-    adapter.safetensors   "<module>.weight" [rows, in] (and "<module>.bias" [rows]) per module
+    adapter.json          format, version, kv policy, dtype, the heads.json selection, per module
+                          the checkpoint key, row ranges and rows per kind, and "others": the
+                          parameters trained in full (train_others; version 2, absent when none)
+    adapter.safetensors   "<module>.weight" [rows, in] (and "<module>.bias" [rows]) per module, and
+                          each train_others parameter whole under its own name
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from alps_ds.selection import HeadSelection
 from alps_ds.sparse.module import row_index
 
 FORMAT = "alps-ds/adapter"
-VERSION = 1
+VERSION = 2  # 2: "others" (train_others tensors); an adapter without them is still written as version 1
 JSON_NAME = "adapter.json"
 TENSORS_NAME = "adapter.safetensors"
 
@@ -66,6 +68,7 @@ class Adapter:
     dtype: str
     modules: tuple[AdapterModule, ...]
     tensors: dict[str, torch.Tensor]
+    others: tuple[str, ...] = ()  # parameters trained in full (train_others), stored whole in ``tensors``
 
     @classmethod
     def read(cls, adapter_dir: str | os.PathLike) -> Adapter:
@@ -117,7 +120,10 @@ class Adapter:
                 raise AlpsError(f"{tensor_path}: tensor {m.module}.weight missing or not [{rows}, {m.in_features}]")
             if m.bias and tuple(getattr(tensors.get(f"{m.module}.bias"), "shape", ())) != (rows,):
                 raise AlpsError(f"{tensor_path}: tensor {m.module}.bias missing or not [{rows}]")
-        return cls(selection, str(meta.get("kv")), str(meta.get("dtype")), modules, tensors)
+        others = meta.get("others", [])
+        if not isinstance(others, list) or not all(isinstance(n, str) and n in tensors for n in others):
+            raise AlpsError(f"{meta_path}: 'others' must list tensors of {TENSORS_NAME}; save the adapter again")
+        return cls(selection, str(meta.get("kv")), str(meta.get("dtype")), modules, tensors, tuple(others))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -170,23 +176,36 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
             if mod.head_bias is not None:
                 tensors[f"{name}.bias"] = mod.head_bias.detach().cpu().clone().contiguous()
         entries.append(AdapterModule(name, mod.ranges, mod.kinds, mod.in_features, mod.head_bias is not None))
+    others = _trained_others(model, {name for name, _ in hooked})
+    for name, p in others:
+        with gathered([p]):
+            tensors[name] = p.detach().cpu().clone().contiguous()
     out = Path(out_dir)
     if _rank() == 0:
         dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
         meta = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if others else 1,
             "kv": getattr(model, "alps_kv", None),
             "dtype": "/".join(sorted(dtypes)),
             "selection": selection.to_dict(),
             "modules": [e.to_dict() for e in entries],
         }
+        if others:
+            meta["others"] = [name for name, _ in others]
         with atomic_dir(out) as tmp:
             save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
             (tmp / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
     if _distributed():
         torch.distributed.barrier()
     return out
+
+
+def _trained_others(model: nn.Module, hooked: set[str]) -> list[tuple[str, nn.Parameter]]:
+    """The parameters trained in full (``train_others``): trainable and not a hooked module's head slice."""
+    return [
+        (name, p) for name, p in model.named_parameters() if p.requires_grad and name.rpartition(".")[0] not in hooked
+    ]
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
@@ -233,6 +252,16 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             weight.data.index_copy_(0, idx, w_rows.to(weight.device, weight.dtype))
             if bias is not None and b_rows is not None:
                 bias.data.index_copy_(0, idx, b_rows.to(bias.device, bias.dtype))
+    for name in adapter.others:
+        try:
+            param = model.get_parameter(name)
+        except AttributeError:
+            raise AlpsError(f"{adapter_dir}: model has no parameter {name}; adapter made for another model") from None
+        with gathered([param], modify=True), torch.no_grad():
+            value = adapter.tensors[name]
+            if tuple(param.shape) != tuple(value.shape):
+                raise AlpsError(f"{adapter_dir}: {name} is {tuple(value.shape)}, the model's {tuple(param.shape)}")
+            param.data.copy_(value.to(param.device, param.dtype))
     return model
 
 
@@ -275,13 +304,17 @@ def merge_adapter_into_checkpoint(
     spec = AttentionSpec.from_pretrained(base)
     adapter.selection.check_model(spec, source=str(adapter_dir))
     shard_of = _shard_map(base)
-    edits: dict[str, dict[str, tuple[tuple[tuple[int, int], ...], torch.Tensor]]] = {}
+    edits: dict[str, dict[str, tuple[tuple[tuple[int, int], ...] | None, torch.Tensor]]] = {}  # None: whole tensor
     for m in adapter.modules:
         for leaf in ("weight", "bias") if m.bias else ("weight",):
             key = f"{m.module}.{leaf}"
             if key not in shard_of:
                 raise AlpsError(f"{base}: checkpoint has no tensor {key}; adapter made for another model layout")
             edits.setdefault(shard_of[key], {})[key] = (m.ranges, adapter.tensors[key])
+    for key in adapter.others:  # train_others: replaced whole
+        if key not in shard_of:
+            raise AlpsError(f"{base}: checkpoint has no tensor {key}; adapter made for another model layout")
+        edits.setdefault(shard_of[key], {})[key] = (None, adapter.tensors[key])
     # Shards are matched by name while copying: one that is not there would leave its rows unmerged.
     missing = sorted(set(edits) - {entry.name for entry in base.iterdir() if entry.is_file()})
     if missing:
@@ -308,6 +341,13 @@ def merge_adapter_into_checkpoint(
                     t = tensors.get(key)
                     if t is None:
                         raise AlpsError(f"{entry}: no tensor {key}, though the index puts it here; re-save the base")
+                    if ranges is None:  # a train_others tensor, trained whole
+                        if t.shape != rows.shape:
+                            raise AlpsError(
+                                f"{entry}: tensor {key} {tuple(t.shape)} is not the adapter's {tuple(rows.shape)}"
+                            )
+                        tensors[key] = rows.to(t.dtype).contiguous()
+                        continue
                     if t.shape[0] < ranges[-1][1] or (t.dim() == 2 and t.shape[1] != rows.shape[1]):
                         raise AlpsError(f"{entry}: tensor {key} {tuple(t.shape)} does not fit the adapter rows")
                     tensors[key] = t.index_copy(0, row_index(ranges), rows.to(t.dtype))

@@ -61,6 +61,9 @@ def shard(model: nn.Module, tp_size: int, spec: AttentionSpec | None = None) -> 
     """Shard ``model``'s attention and MLP projections over ``tp_size`` ranks exactly as AutoTP
     training does (call after ``deepspeed.init_distributed``; every rank of a TP group must
     later see the same batches). The LM head and embeddings stay replicated."""
+    from alps_ds.deps import require_deepspeed
+
+    require_deepspeed()  # before the imports: AutoTPMeta is missing from older DeepSpeed
     from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, set_autotp_mode
     from deepspeed.module_inject.tp_shard import AutoTPMeta
     from deepspeed.utils import groups

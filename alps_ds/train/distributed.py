@@ -26,6 +26,9 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
+    from alps_ds.deps import require_deepspeed
+
+    require_deepspeed()
     if "RANK" not in os.environ and not any(k in os.environ for k in MPI_ENV):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

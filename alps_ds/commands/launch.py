@@ -104,8 +104,6 @@ def plan_commands(args: argparse.Namespace, env=os.environ):
         hosts = list(job.hosts)
         node_rank = job.node_rank if node_rank is None else node_rank
         hostfile = args.hostfile_out or os.path.join(".alps-ds", f"hostfile.{job.job_id}")
-        if not args.dry_run:
-            hostmod.write_hostfile(hostfile, hosts)
         notes.append(f"hostfile {hostfile}: {len(hosts)} nodes x {hosts[0].slots} GPUs (SLURM)")
     elif args.hostfile:
         hosts = hostmod.read_hostfile(args.hostfile)
@@ -114,6 +112,12 @@ def plan_commands(args: argparse.Namespace, env=os.environ):
         hostfile = args.hostfile
     else:
         hosts = [hostmod.Host("localhost", args.nproc_per_node or 1)]
+    if node_rank is not None and not 0 <= node_rank < len(hosts):  # every mode, --dry-run included
+        raise AlpsError(
+            f"--node-rank {node_rank} is outside the {len(hosts)} host(s) of this job; use 0..{len(hosts) - 1}"
+        )
+    if args.slurm and not args.dry_run:
+        hostmod.write_hostfile(hostfile, hosts)
     multi = len(hosts) > 1
     master_addr = args.master_addr or (hosts[0].name if multi else "127.0.0.1")
     port = args.master_port

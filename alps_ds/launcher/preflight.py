@@ -53,6 +53,9 @@ class CheckInputs:
     master_addr: str | None = None
     master_port: int | None = None
     max_imbalance: float | None = None  # fail above this max/mean trainable elements over ranks
+    run: object | None = (
+        None  # the train RunConfig: its inputs, batch, DeepSpeed JSON and data are checked as train does
+    )
     notes: list[str] = field(default_factory=list)
 
 
@@ -126,6 +129,7 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
 
             cfg = load_config(inp.model)
             spec = AttentionSpec.from_config(cfg, source=inp.model)
+            _model_weights(inp.model)
         except AlpsError as e:
             add(Finding("model", "fail", str(e)))
     if spec is None:
@@ -157,10 +161,12 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
         _memory_check(inp, cfg, heads, add)
 
     if inp.output_dir:
-        why = writable_dir(inp.output_dir)
+        why = writable_dir(inp.output_dir) or _train_output(inp)
         add(Finding("output dir", "fail" if why else "ok", why or f"{inp.output_dir} is writable"))
     else:
         add(Finding("output dir", "skip", "no output folder given"))
+    if inp.run is not None:
+        _run_checks(inp, add)
 
     if inp.master_port is None:
         add(Finding("master port", "skip", "no master port given"))
@@ -179,6 +185,58 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
             )
         )
     return out
+
+
+def _model_weights(model: str) -> None:
+    """A local model folder must hold the safetensors files train and merge read, with sound headers."""
+    from alps_ds.localize.reader import weight_shards
+
+    folder = Path(model).expanduser()
+    if folder.is_dir() and not weight_shards(folder):
+        raise AlpsError(f"{folder}: no model.safetensors or shard index; alps-ds trains safetensors checkpoints only")
+
+
+def _train_output(inp: CheckInputs) -> str | None:
+    """Why ``alps-ds train`` would refuse the output folder (an input, a file, a folder it did not write)."""
+    if inp.run is None:
+        return None
+    from dataclasses import replace
+
+    from alps_ds.train.config import output_dir
+
+    try:
+        output_dir(replace(inp.run, output=replace(inp.run.output, dir=inp.output_dir)))
+    except AlpsError as e:
+        return str(e)
+    return None
+
+
+def _run_checks(inp: CheckInputs, add) -> None:
+    """What ``alps-ds train`` checks of the run before it starts: batch vs ranks, the DeepSpeed JSON, local data."""
+    from alps_ds.train.config import gradient_accumulation
+    from alps_ds.train.data import check_local_dataset
+    from alps_ds.train.engine_config import deepspeed_config
+
+    run = inp.run
+    try:
+        accum = gradient_accumulation(run, inp.world_size)
+        deepspeed_config(run, accum)
+        add(
+            Finding(
+                "batch",
+                "ok",
+                f"train.batch {run.train.batch} = micro batch {run.train.micro_batch} x "
+                f"{accum} accumulation x {inp.world_size} ranks",
+            )
+        )
+    except AlpsError as e:
+        add(Finding("batch", "fail", str(e)))
+    try:
+        for ds in run.data.datasets:
+            check_local_dataset(ds)
+        add(Finding("data", "ok", f"{len(run.data.datasets)} dataset(s) found (hub names are not checked)"))
+    except AlpsError as e:
+        add(Finding("data", "fail", str(e)))
 
 
 def _tp_checks(inp: CheckInputs, spec, heads, add) -> None:
@@ -337,6 +395,7 @@ def _fill_from_run(inp: CheckInputs, run, given: set[str]) -> None:
         inp.notes.append(f"model {path} is built in code: model, selection and memory checks skipped")
     if inp.heads is None and run.selection.heads:
         inp.heads = run.selection.heads
+    inp.run = run
     if inp.output_dir is None:
         inp.output_dir = run.output.dir
     inp.kv = run.kv

@@ -24,10 +24,10 @@ from alps_ds.train.checkpoint import check_world_size, load_checkpoint, read_lat
 from alps_ds.train.config import RunConfig, gradient_accumulation
 from alps_ds.train.data import StepPlan, collate, tokenize_all
 from alps_ds.train.distributed import barrier, init_distributed, quiet_logs
-from alps_ds.train.engine_config import deepspeed_config, lr_lambda, train_dtype, zero_stage
+from alps_ds.train.engine_config import check_precision, deepspeed_config, lr_lambda, train_dtype, zero_stage
 from alps_ds.train.export import export
 from alps_ds.train.heads import resolve_selection
-from alps_ds.train.model import load_model, load_tokenizer, resolve_model_dir
+from alps_ds.train.model import check_token_ids, load_model, load_tokenizer, resolve_model_dir
 from alps_ds.train.report import Summary, TrainLog, open_tensorboard, optimizer_bytes
 
 
@@ -61,6 +61,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
     dtype = train_dtype(ds_config)
 
     examples, stats = tokenize_all(cfg.data, tokenizer, progress=rank == 0 and cfg.logging.progress)
+    check_token_ids(cfg, model_dir, tokenizer, examples)
+    check_precision(cfg, ds_config)
     plan = StepPlan(len(examples), cfg.train.micro_batch, grad_accum, world, cfg.train.seed, cfg.data.shuffle)
     if plan.steps_per_epoch == 0:
         raise AlpsError(

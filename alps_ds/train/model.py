@@ -69,6 +69,25 @@ def build_tiny_base(family: str, target: Path, *, seed: int) -> None:
         save_byte_tokenizer(tmp)
 
 
+def check_token_ids(cfg: RunConfig, model_dir: Path, tokenizer, examples) -> None:
+    """Every token id the tokenizer produced (and its pad id) must have a row in the model's embedding: a
+    tokenizer for another model would fail deep in the forward pass (IndexError) or, on a GPU, crash the kernel."""
+    from transformers import AutoConfig
+
+    vocab = getattr(AutoConfig.from_pretrained(str(model_dir)).get_text_config(), "vocab_size", None)
+    if not vocab:
+        return
+    top = max(max(e.input_ids) for e in examples)
+    pad = tokenizer.pad_token_id
+    worst = max(top, pad if pad is not None else -1)
+    if worst >= vocab:
+        name = cfg.model.tokenizer or str(model_dir)
+        raise AlpsError(
+            f"{cfg.where('model.tokenizer')}: model.tokenizer: {name} gives token id {worst} but the model has "
+            f"{vocab} embeddings (vocab_size in {model_dir / 'config.json'}); use the model's own tokenizer"
+        )
+
+
 def load_tokenizer(cfg: RunConfig, model_dir: Path):
     from transformers import AutoTokenizer
 

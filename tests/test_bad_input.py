@@ -317,7 +317,7 @@ def world(tmp_path_factory) -> Path:
     (root / "bert").mkdir()
     (root / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 2}))
 
-    shutil.copytree(root / "sharded", root / "bad_index")  # sharded only: beside a model.safetensors, the index is unused
+    shutil.copytree(root / "sharded", root / "bad_index")  # sharded: beside model.safetensors an index is unused
     index = root / "bad_index" / "model.safetensors.index.json"
     index.write_text('{"weight_map": ')  # cut off mid-write
     shutil.copytree(root / "sharded", root / "lost_shard")

@@ -130,7 +130,7 @@ def test_refuses_a_folder_that_is_not_a_previous_demo(tmp_path, capsys):
     keep.write_text("precious")
     assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("alps-ds: error: --out") and "not a previous demo" in err and "\n" not in err
+    assert err.startswith("alps-ds: error: --out") and "was not written by alps-ds demo" in err and "\n" not in err
     assert keep.read_text() == "precious"
 
 

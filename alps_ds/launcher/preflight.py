@@ -129,9 +129,10 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
 
             cfg = load_config(inp.model)
             spec = AttentionSpec.from_config(cfg, source=inp.model)
-            _model_weights(inp.model)
         except AlpsError as e:
             add(Finding("model", "fail", str(e)))
+        else:
+            add(_weights_finding(inp.model))
     if spec is None:
         add(Finding("selection", "skip", "no model config given (--model)"))
     elif inp.heads:
@@ -187,13 +188,23 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
     return out
 
 
-def _model_weights(model: str) -> None:
-    """A local model folder must hold the safetensors files train and merge read, with sound headers."""
+def _weights_finding(model: str) -> Finding:
+    """The weights train and merge will read from a local model folder: present as safetensors, headers sound.
+    A folder holding only config.json (planning before the download) is skipped, not passed."""
     from alps_ds.localize.reader import weight_shards
 
     folder = Path(model).expanduser()
-    if folder.is_dir() and not weight_shards(folder):
-        raise AlpsError(f"{folder}: no model.safetensors or shard index; alps-ds trains safetensors checkpoints only")
+    if not folder.is_dir():
+        return Finding("weights", "skip", f"{model} is not a local model folder")
+    try:
+        shards = weight_shards(folder)
+    except AlpsError as e:
+        return Finding("weights", "fail", str(e))
+    if shards:
+        return Finding("weights", "ok", f"{len(set(shards.values()))} safetensors file(s), headers complete")
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        return Finding("weights", "fail", f"{folder}: pickle weights only; alps-ds trains safetensors checkpoints only")
+    return Finding("weights", "skip", f"{folder}: no weight files yet (config only)")
 
 
 def _train_output(inp: CheckInputs) -> str | None:

@@ -35,7 +35,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
     """Run the whole job; returns the summary on rank 0 (None elsewhere)."""
     start_wall = time.time()
     rank, world = init_distributed()
-    quiet_logs(rank)
+    quiet_logs(rank, cfg.logging.progress)
     out = Path(cfg.output.dir)
     ckpt_dir = out / "checkpoints"
     latest = read_latest(ckpt_dir)

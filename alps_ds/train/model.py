@@ -81,10 +81,11 @@ def check_token_ids(cfg: RunConfig, model_dir: Path, tokenizer, examples) -> Non
     pad = tokenizer.pad_token_id
     worst = max(top, pad if pad is not None else -1)
     if worst >= vocab:
-        name = cfg.model.tokenizer or str(model_dir)
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.path"  # unset: the model folder's own tokenizer
         raise AlpsError(
-            f"{cfg.where('model.tokenizer')}: model.tokenizer: {name} gives token id {worst} but the model has "
-            f"{vocab} embeddings (vocab_size in {model_dir / 'config.json'}); use the model's own tokenizer"
+            f"{cfg.where(key)}: {key}: the tokenizer of {cfg.model.tokenizer or model_dir} gives token id {worst} "
+            f"but the model has {vocab} embeddings (vocab_size in {model_dir / 'config.json'}); "
+            "set model.tokenizer to the tokenizer this model was trained with"
         )
 
 

@@ -100,6 +100,16 @@ def _launch(out: Path, nproc: int, device: str) -> int:
         return proc.wait()
 
 
+def _relocate(work: Path, out: Path) -> None:
+    """Paths the ranks recorded (results.json, each arm's run YAML, heads.json provenance) name the folder the
+    demo was built in; make them name OUT, where it is about to be swapped in."""
+    for path in work.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml", ".txt", ".log"):
+            text = path.read_text(errors="surrogateescape")
+            if str(work) in text:
+                path.write_text(text.replace(str(work), str(out)), errors="surrogateescape")
+
+
 def _table(work: Path, cfg, where: str, started: float) -> str:
     """The comparison table of the ranks' results.json, also written to table.txt."""
     from alps_ds.demo.report import render_table, summarize, verdict
@@ -140,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         if code != 0:
             raise AlpsError(f"the demo's ranks exited with code {code}; see the output above ({out} is unchanged)")
         text = _table(work, cfg, where, started)
+        _relocate(work, out)
     print("\n" + text)
     print(f"heatmap: {out / 'localize' / 'heatmap.png'}   TensorBoard: tensorboard --logdir {out / 'runs'}")
     return 0

@@ -64,6 +64,20 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+@contextlib.contextmanager
+def _new_folders(path: Path) -> Iterator[None]:
+    """Folders on the way to ``path`` that do not exist yet are removed again (when still empty) if the
+    write fails or is interrupted, so a failed run leaves no trace."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
 # ---- where a command may write -----------------------------------------------------------------------------
 
 
@@ -210,7 +224,14 @@ def _umask() -> int:
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
     """Open a temporary file beside ``path``; on clean exit fsync it and rename it over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with _new_folders(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _atomic_file(path, mode) as f:
+            yield f
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path, mode: str) -> Iterator:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with _interruptible():
@@ -249,7 +270,14 @@ def atomic_dir(path: str | os.PathLike, *, command: str | None = None) -> Iterat
     ``command``: leave its marker (listing what was written) for :func:`check_output_dir`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with _new_folders(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _atomic_dir(path, command) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_dir(path: Path, command: str | None) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
@@ -287,6 +315,12 @@ def atomic_files(folder: str | os.PathLike, *, command: str) -> Iterator[Callabl
     (with the command's marker). Files in ``folder`` that were not put are left alone; on an error or
     an interrupt nothing in ``folder`` changes."""
     folder = Path(folder)
+    with _new_folders(folder), _staged_files(folder, command) as put:
+        yield put
+
+
+@contextlib.contextmanager
+def _staged_files(folder: Path, command: str) -> Iterator[Callable[[str, str | bytes], None]]:
     staged: dict[str, str] = {}
 
     def put(name: str, data: str | bytes) -> None:

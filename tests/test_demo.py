@@ -12,6 +12,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +122,16 @@ def test_heatmap_and_tensorboard_written(demo):
     acc = EventAccumulator(str(out / "runs" / "none-seed0" / "tensorboard"))
     acc.Reload()
     assert "heldout/accuracy" in acc.Tags()["scalars"]
+
+
+def test_recorded_paths_name_out(demo):
+    """The demo is built beside OUT and swapped in at the end: what it recorded must still name real files."""
+    out, _, results = demo
+    for key in ("base", "task", "heatmap"):
+        assert results[key].startswith(str(out)) and Path(results[key]).exists(), (key, results[key])
+    for arm in results["arms"]:
+        assert Path(arm["run"]).is_dir(), arm["run"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no temporary folder left beside it
 
 
 def test_refuses_a_folder_that_is_not_a_previous_demo(tmp_path, capsys):

@@ -262,10 +262,11 @@ def test_own_outputs_are_replaced_and_a_trailing_slash_means_a_folder(world, tmp
         ("INT", "safetensors.torch:save_file", 1, f"{MERGE} {{root}}/merged"),
         ("TERM", "safetensors.torch:save_file", 1, f"{MERGE} {{root}}/merged"),
         ("TERM", "os:fsync", 2, f"{LOCALIZE} {{root}}/loc --ratio 0.25"),
+        ("INT", "os:fsync", 1, f"{LOCALIZE} {{root}}/fresh/new --ratio 0.25"),  # no folder is left behind either
         ("INT", "os:fsync", 1, "heads resize {root}/loc --ratio 0.25 --out {root}/prev.json"),
         ("TERM", "os:fsync", 1, "heads combine {root}/heads.json {root}/loc --op vote --out {root}/prev.json"),
     ],
-    ids=["merge-INT", "merge-TERM", "localize-TERM", "resize-INT", "combine-TERM"],
+    ids=["merge-INT", "merge-TERM", "localize-TERM", "localize-new-folder-INT", "resize-INT", "combine-TERM"],
 )
 def test_an_interrupt_mid_write_keeps_the_previous_output(world, sig, target, nth, argv):
     """Ctrl-C or SIGTERM while the output is being written: the earlier output stays, byte for byte, and no

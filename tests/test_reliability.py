@@ -408,6 +408,7 @@ RUNTIME = [  # (case, words): each fails inside a started train, DeepSpeed and a
         ["--set: selection.ratio", "keeps 0 of 8 heads"],
     ),
     (C("batch", "train.batch=5", "output.dir={root}/runs/i"), ["--set: train.batch", "not a multiple"]),
+    (C("model-is-a-file", "model.path={root}/plain.txt", "output.dir={root}/runs/k"), ["plain.txt", "is a file"]),
     ({"id": "batch-yaml", "argv": ["train", "--config", "{root}/batch5.yaml"]}, ["batch5.yaml: train.batch"]),
     ({"id": "empty-data-yaml", "argv": ["train", "--config", "{root}/empty_data.yaml"]}, ["empty.jsonl", "no rows"]),
     (C("heads-folder-missing", "selection.heads={root}/mine", "output.dir={root}/runs/j"), ["mine", "without heads"]),

@@ -44,6 +44,8 @@ def resolve_model_dir(cfg: RunConfig, out: Path, rank: int) -> Path:
                 "checkpoints only: re-save it with save_pretrained(safe_serialization=True)"
             )
         return local
+    if local.exists():
+        raise AlpsError(f"model.path: {path} is a file; point to the model's folder (config.json and safetensors)")
     if path.startswith((".", "/", "~")):
         raise AlpsError(f"model.path: {path} does not exist")
     from huggingface_hub import snapshot_download

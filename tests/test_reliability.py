@@ -234,6 +234,20 @@ def test_outputs_never_replace_inputs_or_other_files(world, capsys, monkeypatch)
     check_cases(OUTPUT_CASES, world, capsys, monkeypatch)
 
 
+def test_slurm_hostfile_out_never_replaces_another_file(world, capsys, monkeypatch):
+    for key, value in {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_NODEID": "0",
+                       "SLURM_GPUS_PER_NODE": "4", "SLURM_JOB_ID": "7"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no scontrol: the built-in parser expands it
+    cases = [
+        ("hostfile-over-run-yaml", "launch --slurm --hostfile-out {root}/run.yaml -- --config {root}/run.yaml",
+         ["--hostfile-out", "run.yaml", "is not a hostfile"]),
+        ("hostfile-in-a-file", "launch --slurm --hostfile-out {root}/plain.txt/hf -- --config {root}/run.yaml",
+         ["plain.txt is a file, not a folder"]),
+    ]  # fmt: skip
+    check_cases(cases, world, capsys, monkeypatch)
+
+
 def test_own_outputs_are_replaced_and_a_trailing_slash_means_a_folder(world, tmp_path, capsys):
     """An earlier output of the same command is replaced; files the command did not write are refused."""
     from alps_ds.selection import HeadSelection

@@ -85,6 +85,22 @@ def _run_config(train_args: list[str]):
     return load_run(known.config, known.overrides)
 
 
+def _hostfile_out(name: str):
+    """Where --slurm writes its hostfile: never over a file that is not a hostfile (a run YAML, say)."""
+    from alps_ds.fsutil import check_output_file
+    from alps_ds.launcher.hosts import read_hostfile
+
+    def is_hostfile(path) -> bool:
+        try:
+            return bool(read_hostfile(path))
+        except AlpsError:
+            return False
+
+    return check_output_file(
+        name, flag="--hostfile-out", default_name="hostfile", is_own=is_hostfile, what="a hostfile"
+    )
+
+
 def plan_commands(args: argparse.Namespace, env=os.environ):
     """(commands, hosts, this node's rank or None, world size, master addr, notes) for ``args``."""
     from alps_ds.launcher import build
@@ -103,7 +119,7 @@ def plan_commands(args: argparse.Namespace, env=os.environ):
         job = hostmod.slurm_job(env, args.nproc_per_node)
         hosts = list(job.hosts)
         node_rank = job.node_rank if node_rank is None else node_rank
-        hostfile = args.hostfile_out or os.path.join(".alps-ds", f"hostfile.{job.job_id}")
+        hostfile = str(_hostfile_out(args.hostfile_out or os.path.join(".alps-ds", f"hostfile.{job.job_id}")))
         notes.append(f"hostfile {hostfile}: {len(hosts)} nodes x {hosts[0].slots} GPUs (SLURM)")
     elif args.hostfile:
         hosts = hostmod.read_hostfile(args.hostfile)

@@ -369,6 +369,20 @@ def test_a_stale_shard_index_beside_model_safetensors_is_ignored_as_from_pretrai
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
     want = AutoModelForCausalLM.from_pretrained(world / "merged").state_dict()
     assert merged.keys() == want.keys() and all(torch.equal(merged[k], want[k]) for k in want)
+    # config.json's transformers_weights names the file from_pretrained starts from: here the index.
+    explicit = tmp_path / "explicit"
+    shutil.copytree(world / "both", explicit)
+    config = json.loads((explicit / "config.json").read_text())
+    (explicit / "config.json").write_text(
+        json.dumps({**config, "transformers_weights": "model.safetensors.index.json"})
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(explicit).state_dict()
+    stale = AutoModelForCausalLM.from_pretrained(world / "stale_shards").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in stale.items())
+    for name, folder in (("explicit", explicit), ("stale", world / "stale_shards")):
+        argv = ["localize", "--base", str(folder), "--task", str(world / "task"), "--quiet"]
+        assert run_cli([*argv, "--out", str(tmp_path / f"loc-{name}")], capsys)[0] == 0
+    assert (tmp_path / "loc-explicit" / "scores.csv").read_text() == (tmp_path / "loc-stale" / "scores.csv").read_text()
 
 
 # ---- 3. one line, never a traceback -----------------------------------------------------------------------------

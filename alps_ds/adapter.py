@@ -9,10 +9,11 @@ to resume training), or merged into a base checkpoint shard by shard without loa
 Layout of an adapter folder::
 
     adapter.json          format, version, kv policy, dtype, the heads.json selection, per module
-                          the checkpoint key, row ranges and rows per kind, and (when the model was
-                          loaded from a local folder) the base's path and Q/K/V digest; the names
-                          of the parameters trained in full (train_others)
-    adapter.safetensors   "<module>.weight" [rows, in] (and "<module>.bias" [rows]) per module
+                          the checkpoint key, row ranges and rows per kind, (when the model was loaded
+                          from a local folder) the base's path and Q/K/V digest, and "others": the
+                          parameters trained in full (train_others; version 2, absent when none)
+    adapter.safetensors   "<module>.weight" [rows, in] (and "<module>.bias" [rows]) per module, and
+                          each train_others parameter whole under its own name
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from alps_ds.selection import HeadSelection
 from alps_ds.sparse.module import gathered, row_index
 
 FORMAT = "alps-ds/adapter"
-VERSION = 1
+VERSION = 2  # 2: "others" (train_others tensors); an adapter without them is still written as version 1
 JSON_NAME = "adapter.json"
 TENSORS_NAME = "adapter.safetensors"
 
@@ -70,7 +71,7 @@ class Adapter:
     modules: tuple[AdapterModule, ...]
     tensors: dict[str, torch.Tensor]
     base: dict[str, Any] | None = None  # alps_ds.digest.base_record of the base it was trained on
-    train_others: tuple[str, ...] = ()  # parameters trained in full (train_others), by name
+    others: tuple[str, ...] = ()  # parameters trained in full (train_others), stored whole in ``tensors``
 
     @classmethod
     def read(cls, adapter_dir: str | os.PathLike) -> Adapter:
@@ -125,9 +126,9 @@ class Adapter:
         base = meta.get("base")
         if base is not None and not isinstance(base, dict):
             raise AlpsError(f"{meta_path}: 'base' is not an object; save the adapter again")
-        others = meta.get("train_others") or []
-        if not isinstance(others, list) or not all(isinstance(n, str) for n in others):
-            raise AlpsError(f"{meta_path}: 'train_others' is not a list of parameter names; save the adapter again")
+        others = meta.get("others", [])
+        if not isinstance(others, list) or not all(isinstance(n, str) and n in tensors for n in others):
+            raise AlpsError(f"{meta_path}: 'others' must list tensors of {TENSORS_NAME}; save the adapter again")
         return cls(selection, str(meta.get("kv")), str(meta.get("dtype")), modules, tensors, base, tuple(others))
 
 
@@ -170,13 +171,15 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, selection: HeadSe
             if mod.head_bias is not None:
                 tensors[f"{name}.bias"] = mod.head_bias.detach().cpu().clone().contiguous()
         entries.append(AdapterModule(name, mod.ranges, mod.kinds, mod.in_features, mod.head_bias is not None))
-    hooked_names = {name for name, _ in hooked}
-    others = [n for n, p in model.named_parameters() if p.requires_grad and n.rpartition(".")[0] not in hooked_names]
+    others = _trained_others(model, {name for name, _ in hooked})
+    for name, p in others:
+        with gathered([p]):
+            tensors[name] = p.detach().cpu().clone().contiguous()
     out = Path(out_dir)
     if _rank() == 0:
         base_dir = model_base_dir(model)
         base = None if base_dir is None else base_record(base_dir)
-        write_adapter(out, selection, state[1], entries, tensors, base=base, train_others=others)
+        write_adapter(out, selection, state[1], entries, tensors, base=base, others=[name for name, _ in others])
     if _distributed():
         torch.distributed.barrier()
     return out
@@ -190,11 +193,11 @@ def write_adapter(
     tensors: dict[str, torch.Tensor],
     *,
     base: dict | None = None,
-    train_others: tuple[str, ...] | list[str] = (),
+    others: tuple[str, ...] | list[str] = (),
 ) -> Path:
     """Write an adapter folder (atomically) from full-model rows: ``tensors`` holds ``<module>.weight``
-    [rows, in] (and ``.bias``) for each of ``modules``, plus any ``train_others`` tensors by name;
-    ``base`` is the base's digest record (:func:`alps_ds.digest.base_record`). One process writes;
+    [rows, in] (and ``.bias``) for each of ``modules``, plus each of ``others`` (train_others) whole by
+    name; ``base`` is the base's digest record (:func:`alps_ds.digest.base_record`). One process writes;
     see :func:`save_adapter`."""
     from safetensors.torch import save_file
 
@@ -202,18 +205,26 @@ def write_adapter(
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     meta = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if others else 1,
         "kv": kv,
         "dtype": "/".join(sorted(dtypes)),
         "selection": selection.to_dict(),
         "modules": [m.to_dict() for m in modules],
         "base": base,
-        "train_others": list(train_others),
     }
+    if others:
+        meta["others"] = list(others)
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
         (tmp / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
     return out
+
+
+def _trained_others(model: nn.Module, hooked: set[str]) -> list[tuple[str, nn.Parameter]]:
+    """The parameters trained in full (``train_others``): trainable and not a hooked module's head slice."""
+    return [
+        (name, p) for name, p in model.named_parameters() if p.requires_grad and name.rpartition(".")[0] not in hooked
+    ]
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
@@ -263,26 +274,44 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             weight.data.index_copy_(0, idx, w_rows.to(weight.device, weight.dtype))
             if bias is not None and b_rows is not None:
                 bias.data.index_copy_(0, idx, b_rows.to(bias.device, bias.dtype))
+    for name in adapter.others:
+        try:
+            param = model.get_parameter(name)
+        except AttributeError:
+            raise AlpsError(f"{adapter_dir}: model has no parameter {name}; adapter made for another model") from None
+        with gathered([param], modify=True), torch.no_grad():
+            value = adapter.tensors[name]
+            if tuple(param.shape) != tuple(value.shape):
+                raise AlpsError(f"{adapter_dir}: {name} is {tuple(value.shape)}, the model's {tuple(param.shape)}")
+            param.data.copy_(value.to(param.device, param.dtype))
     return model
 
 
 def _shard_map(base: Path) -> dict[str, str]:
-    """Tensor name -> shard file name of a HF safetensors checkpoint (sharded or single)."""
-    from alps_ds.localize.reader import INDEX_FILE, SINGLE_FILE, read_header, read_index
+    """Tensor name -> shard file name of the safetensors files ``from_pretrained`` reads from ``base``."""
+    from alps_ds.localize.reader import INDEX_FILE, SINGLE_FILE, weight_shards
 
-    if (base / INDEX_FILE).is_file():
-        return read_index(base / INDEX_FILE)
-    if (base / SINGLE_FILE).is_file():
-        return dict.fromkeys(read_header(base / SINGLE_FILE), SINGLE_FILE)
-    raise AlpsError(f"{base}: no {INDEX_FILE} or {SINGLE_FILE}; point --base to a safetensors HF checkpoint")
-
-
-_Rows = dict[str, tuple[tuple[tuple[int, int], ...], torch.Tensor]]  # tensor key -> (row ranges, rows)
+    shard_of = weight_shards(base)
+    if not shard_of:
+        raise AlpsError(f"{base}: no {INDEX_FILE} or {SINGLE_FILE}; point --base to a safetensors HF checkpoint")
+    return shard_of
 
 
-def _merge_edits(adapter: Adapter, base: Path) -> dict[str, _Rows]:
+def _unread_weights(base: Path, shard_of: dict[str, str]) -> set[str]:
+    """Safetensors files in ``base`` that ``from_pretrained`` does not read (a stale index or shards beside
+    model.safetensors): left out of a merged copy, where they would hold the untrained base."""
+    from alps_ds.localize.reader import weights_entry
+
+    read = set(shard_of.values()) | {weights_entry(base).name}
+    return {p.name for p in base.iterdir() if p.name.endswith((".safetensors", ".safetensors.index.json"))} - read
+
+
+# tensor key -> (row ranges, rows), or (None, the whole tensor) for a train_others parameter
+_Rows = dict[str, tuple[tuple[tuple[int, int], ...] | None, torch.Tensor]]
+
+
+def _merge_edits(adapter: Adapter, base: Path, shard_of: dict[str, str]) -> dict[str, _Rows]:
     """Shard file name -> the adapter rows merged into it; refuses a key or shard ``base`` lacks."""
-    shard_of = _shard_map(base)
     edits: dict[str, _Rows] = {}
     for m in adapter.modules:
         for leaf in ("weight", "bias") if m.bias else ("weight",):
@@ -290,6 +319,10 @@ def _merge_edits(adapter: Adapter, base: Path) -> dict[str, _Rows]:
             if key not in shard_of:
                 raise AlpsError(f"{base}: checkpoint has no tensor {key}; adapter made for another model layout")
             edits.setdefault(shard_of[key], {})[key] = (m.ranges, adapter.tensors[key])
+    for key in adapter.others:  # train_others: replaced whole
+        if key not in shard_of:
+            raise AlpsError(f"{base}: checkpoint has no tensor {key}; adapter made for another model layout")
+        edits.setdefault(shard_of[key], {})[key] = (None, adapter.tensors[key])
     # Shards are matched by name while copying: one that is not there would leave its rows unmerged.
     missing = sorted(set(edits) - {entry.name for entry in base.iterdir() if entry.is_file()})
     if missing:
@@ -313,6 +346,11 @@ def _merge_shard(entry: Path, target: Path, edits: _Rows) -> None:
         t = tensors.get(key)
         if t is None:
             raise AlpsError(f"{entry}: no tensor {key}, though the index puts it here; re-save the base")
+        if ranges is None:  # a train_others tensor, trained whole
+            if t.shape != rows.shape:
+                raise AlpsError(f"{entry}: tensor {key} {tuple(t.shape)} is not the adapter's {tuple(rows.shape)}")
+            tensors[key] = rows.to(t.dtype).contiguous()
+            continue
         if t.shape[0] < ranges[-1][1] or (t.dim() == 2 and t.shape[1] != rows.shape[1]):
             raise AlpsError(f"{entry}: tensor {key} {tuple(t.shape)} does not fit the adapter rows")
         tensors[key] = t.index_copy(0, row_index(ranges), rows.to(t.dtype))
@@ -341,10 +379,12 @@ def merge_adapter_into_checkpoint(
     spec = AttentionSpec.from_pretrained(base)
     adapter.selection.check_model(spec, source=str(adapter_dir))
     check_base(adapter.base, base, owner=str(adapter_dir))
-    edits = _merge_edits(adapter, base)
+    shard_of = _shard_map(base)
+    edits = _merge_edits(adapter, base, shard_of)
     try:
-        with atomic_dir(out) as tmp:
-            entries = sorted(base.iterdir())
+        with atomic_dir(out, command="merge") as tmp:
+            unread = _unread_weights(base, shard_of)
+            entries = sorted(p for p in base.iterdir() if p.name not in unread)
             for entry in tqdm(entries, desc="merge", unit="file", disable=not progress):
                 target = tmp / entry.name
                 if entry.name in edits:

@@ -26,11 +26,21 @@ def check_ratio(ratio: float, source: str = "ratio") -> None:
         raise AlpsError(f"{source} {ratio!r} is outside (0, 1]; use e.g. 0.1 for 10 % of heads")
 
 
-def count_for_ratio(ratio: float, num_layers: int, num_heads: int) -> int:
-    """K = ceil(r * L * n), with r in (0, 1]."""
-    check_ratio(ratio)
+def count_for_ratio(ratio: float, num_layers: int, num_heads: int, *, name: str = "ratio") -> int:
+    """K = ceil(r * L * n), with r in (0, 1]; a ratio too small to keep one head is refused, never 0 heads.
+
+    ``name`` is the flag, key or argument the ratio came from, for the error message.
+    """
+    check_ratio(ratio, name)
     # round() first: 0.1 * 80 * 64 is 512.0000000000001 in binary floating point.
-    return math.ceil(round(ratio * num_layers * num_heads, 9))
+    k = math.ceil(round(ratio * num_layers * num_heads, 9))
+    if k == 0:
+        total = num_layers * num_heads
+        raise AlpsError(
+            f"{name} {ratio!r} keeps 0 of {total} heads ({num_layers} layers x {num_heads}); "
+            f"use at least {name} {1 / total:.3g} for one head"
+        )
+    return k
 
 
 def top_k(scores: Sequence[Sequence[float]] | np.ndarray, k: int) -> list[Head]:
@@ -86,21 +96,31 @@ def parse_heads(
         if num_layers is not None and num_heads is not None and not (layer < num_layers and h < num_heads):
             raise AlpsError(f"{source}: {item} is outside the model ({num_layers} layers x {num_heads} heads, 0-based)")
         heads.append((layer, h))
+    if not heads:
+        raise AlpsError(f"{source}: no head listed; write e.g. 3:5,7:0 (0-based), or select no heads with method none")
     if len(set(heads)) != len(heads):
         raise AlpsError(f"{source}: a head is listed twice; list each LAYER:HEAD once")
     return sorted(heads)
 
 
 def choose(
-    method: str, *, num_layers: int, num_heads: int, ratio: float, seed: int = 0, scores: np.ndarray | None = None
+    method: str,
+    *,
+    num_layers: int,
+    num_heads: int,
+    ratio: float,
+    seed: int = 0,
+    scores: np.ndarray | None = None,
+    ratio_name: str = "ratio",
 ) -> list[Head]:
-    """Dispatch on the method name used by the CLI and recorded in heads.json."""
+    """Dispatch on the method name used by the CLI and recorded in heads.json (``ratio_name``: where the ratio
+    came from, for errors)."""
     check_choice("method", method, METHODS)
     if method == "all":
         return all_heads(num_layers, num_heads)
     if method == "none":
         return []
-    k = count_for_ratio(ratio, num_layers, num_heads)
+    k = count_for_ratio(ratio, num_layers, num_heads, name=ratio_name)
     if method == "top-k":
         if scores is None:
             raise AlpsError("method top-k needs scores; localize a base/task pair first (alps_ds.localize)")

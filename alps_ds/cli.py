@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 
 from alps_ds import __version__, commands
@@ -28,8 +29,17 @@ def command_modules() -> dict[str, object]:
     return found
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors become the one ``alps-ds: error:`` line every other error is (no usage block)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("alps-ds").strip()
+        where = f"{command}: " if command else ""
+        raise AlpsError(f"{where}{message}; see '{self.prog} --help'")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="alps-ds",
         description="Head-sparse LLM alignment (ALPS) on DeepSpeed: localize heads, train only them, export.",
     )
@@ -73,17 +83,22 @@ def help_markdown() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         rc = int(args._run(args) or 0)
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
         return rc
     except AlpsError as e:
         print(f"alps-ds: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("alps-ds: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        print(
+            f"alps-ds: error: interrupted ({name}); outputs being written were discarded, earlier ones are unchanged",
+            file=sys.stderr,
+        )
+        return 128 + signum
     except BrokenPipeError:
         # The reader went away (``alps-ds heads show ... | head``): stop quietly, as Unix tools do.
         # Point stdout at /dev/null so the interpreter's final flush does not raise again.

@@ -84,14 +84,9 @@ def _base_dir(adapter: Adapter, adapter_dir: Path, base: str | os.PathLike | Non
 
 
 def _modules_to_save(adapter: Adapter, adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """PEFT keys -> tensors of the fully trained ``train_others`` parameters (PEFT ``modules_to_save``)."""
-    missing = [name for name in adapter.train_others if name not in adapter.tensors]
-    if missing:
-        raise AlpsError(
-            f"{adapter_dir}: trained with train_others ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
-            " whose tensors the adapter does not hold; a LoRA export would silently lack them: serve OUT/merged"
-        )
-    return {PREFIX + name: adapter.tensors[name].contiguous() for name in adapter.train_others}
+    """PEFT keys -> tensors of the fully trained ``train_others`` parameters (PEFT ``modules_to_save``);
+    ``Adapter.read`` has checked that every listed parameter's tensor is in the adapter."""
+    return {PREFIX + name: adapter.tensors[name].contiguous() for name in adapter.others}
 
 
 def to_peft_lora(

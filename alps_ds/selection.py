@@ -177,8 +177,8 @@ class HeadSelection:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, spec: AttentionSpec | None = None) -> HeadSelection:
-        """Read and validate ``path``; with ``spec``, also check it was made for that model."""
-        path = Path(path)
+        """Read and validate ``path`` (or the heads.json in a folder); with ``spec``, also check the model."""
+        path = heads_file(path)
         try:
             text = path.read_text()
         except FileNotFoundError:
@@ -197,6 +197,26 @@ class HeadSelection:
     def with_heads(self, heads: list[Head] | tuple[Head, ...], provenance: Provenance) -> HeadSelection:
         """A new selection of the same model (and scores) with other heads."""
         return replace(self, heads=tuple(heads), provenance=provenance)
+
+
+def heads_file(path: str | os.PathLike) -> Path:
+    """``path``, or the heads.json inside it when it is a folder (what localize --out and train output.dir hold):
+    every command that reads a selection accepts both."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "heads.json").is_file():
+            raise AlpsError(f"{path}: a folder without heads.json; pass a heads.json (alps-ds localize writes one)")
+        return path / "heads.json"
+    return path
+
+
+def is_heads_file(path: Path) -> bool:
+    """Whether ``path`` holds a valid heads.json (an earlier output that may be replaced)."""
+    try:
+        HeadSelection.load(path)
+    except AlpsError:
+        return False
+    return True
 
 
 def _is_int(x: Any) -> bool:

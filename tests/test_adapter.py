@@ -137,7 +137,7 @@ def test_merge_into_sharded_checkpoint_equals_merge_and_copies_untouched_shards(
         shards[f"{spec_name}.{leaf}"] for spec_name in dict(hooked_modules(model)) for leaf in ("weight", "bias")
     }
     names = sorted(p.name for p in (root / "base").iterdir())
-    assert names == sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in out.iterdir() if p.name != ".alps-merge")  # merge's marker
     untouched = [n for n in names if n not in touched]
     assert any(n.endswith(".safetensors") for n in untouched), "some shard must hold no adapted tensor"
     for n in untouched:
@@ -156,11 +156,13 @@ def test_cli_merge_and_errors(trained, tmp_path, capsys):
     written = {k: v for f in (tmp_path / "m").glob("*.safetensors") for k, v in load_file(f).items()}
     expected = merge(copy.deepcopy(model)).state_dict()  # the trained rows, not the base's
     assert written.keys() == expected.keys() and all(torch.equal(written[k], v) for k, v in expected.items())
-    assert main(["merge", "--base", str(root / "base"), "--adapter", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "not_an_adapter").mkdir()
+    no_adapter = str(tmp_path / "not_an_adapter")
+    assert main(["merge", "--base", str(root / "base"), "--adapter", no_adapter, "--out", str(tmp_path / "x")]) == 2
     assert "not an alps-ds adapter" in capsys.readouterr().err
     base = str(root / "base")
     assert main(["merge", "--base", base, "--adapter", str(root / "adapter"), "--out", base]) == 2
-    assert "must differ" in capsys.readouterr().err
+    assert "is the input" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

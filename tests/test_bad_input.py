@@ -50,7 +50,7 @@ FAST = [
         "--out",
         "heads.json",
         "not a folder",
-        "pick another path",
+        "choose another --out",
     ),
     C(
         "localize-heads-and-select",
@@ -158,7 +158,9 @@ FAST = [
     C(
         "merge-out-is-base",
         "merge --base {root}/base --adapter {root}/adapter --out {root}/base",
-        "--out must differ from --base",
+        "--out",
+        "is the input",
+        "choose a new --out",
     ),
     C(
         "merge-adapter-for-another-model",
@@ -305,8 +307,9 @@ def world(tmp_path_factory) -> Path:
     """Real files for the bad inputs to point at, and outputs of earlier runs that must survive."""
     from safetensors.torch import load_file
 
-    from alps_ds.adapter import save_adapter
+    from alps_ds.adapter import merge_adapter_into_checkpoint, save_adapter
     from alps_ds.arch import AttentionSpec
+    from alps_ds.fsutil import claim_dir
     from alps_ds.selection import HeadSelection, Provenance
     from alps_ds.sparse import apply
     from alps_ds.tiny import build_model, save_model, tiny_config
@@ -331,7 +334,7 @@ def world(tmp_path_factory) -> Path:
     (root / "bert").mkdir()
     (root / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 2}))
 
-    shutil.copytree(root / "task", root / "bad_index")
+    shutil.copytree(root / "sharded", root / "bad_index")  # sharded: beside model.safetensors an index is unused
     index = root / "bad_index" / "model.safetensors.index.json"
     index.write_text('{"weight_map": ')  # cut off mid-write
     shutil.copytree(root / "sharded", root / "lost_shard")
@@ -346,12 +349,13 @@ def world(tmp_path_factory) -> Path:
     (root / "bad_adapter" / "adapter.json").write_text("{ not json")
     assert load_file(str(root / "adapter" / "adapter.safetensors"))  # a real, non-empty adapter
 
-    # Earlier outputs a failing command must leave as they are.
+    # Earlier outputs a failing command must leave as they are (each with its command's marker).
     (root / "prev").mkdir()
     for name in ("heads.json", "scores.csv", "heatmap.png"):
         (root / "prev" / name).write_bytes(b"earlier localize output: " + name.encode())
-    shutil.copytree(root / "base", root / "prev_merged")
-    prev_run = root / "prev_run"
+    claim_dir(root / "prev", "localize")
+    merge_adapter_into_checkpoint(root / "base", root / "adapter", root / "prev_merged", progress=False)
+    prev_run = claim_dir(root / "prev_run", "train")
     (prev_run / "checkpoints" / "step-00000006").mkdir(parents=True)
     (prev_run / "checkpoints" / "latest.json").write_text('{"tag": "step-00000006", "step": 6}\n')
     (prev_run / "run_config.json").write_text('{"earlier": "run"}\n')

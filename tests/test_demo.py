@@ -165,6 +165,16 @@ def test_heatmap_and_tensorboard_written(demo):
         assert {"train/loss", "heldout/accuracy"} <= set(acc.Tags()["scalars"]), row["run"]
 
 
+def test_recorded_paths_name_out(demo):
+    """The demo is built beside OUT and swapped in at the end: what it recorded must still name real files."""
+    out, _, results = demo
+    for key in ("base", "task", "heatmap"):
+        assert results[key].startswith(str(out)) and Path(results[key]).exists(), (key, results[key])
+    for arm in results["arms"]:
+        assert Path(arm["run"]).is_dir(), arm["run"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no temporary folder left beside it
+
+
 def test_refuses_a_folder_that_is_not_a_previous_demo(tmp_path, capsys):
     from alps_ds.cli import main
 
@@ -172,7 +182,7 @@ def test_refuses_a_folder_that_is_not_a_previous_demo(tmp_path, capsys):
     keep.write_text("precious")
     assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("alps-ds: error: --out") and "not a previous demo" in err and "\n" not in err
+    assert err.startswith("alps-ds: error: --out") and "was not written by alps-ds demo" in err and "\n" not in err
     assert keep.read_text() == "precious"
 
 

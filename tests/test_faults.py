@@ -160,9 +160,14 @@ def small_tmpfs(path: Path, size: int):
 
 
 def _previous_output(out: Path, base: Path) -> None:
+    """An earlier merge output (with merge's marker listing its files), which a failing merge must keep."""
+    import json
+
     out.mkdir()
     for f in sorted(base.iterdir()):
         (out / f.name).write_bytes(b"previous export of " + f.name.encode())
+    files = sorted(f.name for f in base.iterdir())
+    (out / ".alps-merge").write_text(json.dumps({"written_by": "alps-ds merge", "files": files}))
 
 
 def _merge(capsys, base: Path, adapter: Path, out: Path) -> tuple[int, str]:

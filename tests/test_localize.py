@@ -324,7 +324,7 @@ def test_cli_errors_are_one_line_and_leave_outputs_untouched(pairs, tmp_path, ca
     out = tmp_path / "out"
     assert _run(capsys, "--base", base, "--task", task, "--out", out)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert set(before) == {"heads.json", "scores.csv", "heatmap.png"}
+    assert set(before) == {"heads.json", "scores.csv", "heatmap.png", ".alps-localize"}
     ok = ["--base", base, "--task", task, "--out", out]
     flag_cases = {
         "ratio-0": (ok + ["--ratio", "0"], "--ratio"),
@@ -352,18 +352,22 @@ def test_cli_errors_are_one_line_and_leave_outputs_untouched(pairs, tmp_path, ca
 
 
 def test_cli_unwritable_out_is_one_line(pairs, tmp_path, capsys):
+    from alps_ds.fsutil import claim_dir
+
     _, base, task = pairs["llama-gqa"]
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     taken = tmp_path / "taken"
     (taken / "heads.json").mkdir(parents=True)  # a file cannot be renamed over a folder
+    claim_dir(taken, "localize")  # an earlier localize output: the write is tried, and fails
     for out, words in ((blocker / "sub", "a-file is a file, not a folder"), (taken, "cannot write")):
         code, _, stderr = _run(capsys, "--base", base, "--task", task, "--out", out)
         lines = stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("alps-ds: error: --out"), stderr
         assert words in lines[0], lines[0]
     assert blocker.read_text() == "not a folder"
-    assert [p.name for p in taken.iterdir()] == ["heads.json"] and (taken / "heads.json").is_dir()
+    assert sorted(p.name for p in taken.iterdir()) == [".alps-localize", "heads.json"]
+    assert (taken / "heads.json").is_dir()
 
 
 def test_cli_progress_bar_over_layers(pairs, tmp_path, capsys):

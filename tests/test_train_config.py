@@ -8,6 +8,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from alps_ds.choose import METHODS
 from alps_ds.cli import main
@@ -79,7 +80,7 @@ def test_shipped_configs_load():
     ],
 )
 def test_bad_values_name_the_key(tmp_path, yaml_text, message):
-    text = MIN + yaml_text + "\n"  # PyYAML keeps the last of duplicate keys: the case overrides MIN
+    text = yaml.safe_dump({**yaml.safe_load(MIN), **yaml.safe_load(yaml_text)})  # the case's keys replace MIN's
     with pytest.raises(AlpsError) as e:
         load_config(write(tmp_path, text))
     assert message in str(e.value).replace(str(tmp_path) + "/", "")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from alps_ds.argtypes import integer
+
 HELP = "pre-flight checks: selection vs model, world size vs TP x PP, TP rules, balance, memory, output, port"
 DESCRIPTION = (
     "Check a job before launching it: the selection was made for the model; the world size is divisible by "
@@ -16,9 +18,9 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="RUN.yaml", help="train run config to take model/heads/output from")
-    parser.add_argument("--world-size", type=int, required=True, help="total ranks (GPUs) of the job")
+    parser.add_argument("--world-size", type=integer(1), required=True, help="total ranks (GPUs) of the job")
     parser.add_argument("--master-addr", help="rendezvous host (the port is checked only when it is this host)")
-    parser.add_argument("--master-port", type=int, help="rendezvous port to check")
+    parser.add_argument("--master-port", type=integer(1, 65535), help="rendezvous port to check")
     from alps_ds.launcher.preflight import add_check_arguments
 
     add_check_arguments(parser)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from alps_ds.argtypes import integer, number, ratio
 from alps_ds.errors import AlpsError
 
 HELP = "run ALPS end to end on a tiny model (pre-train, task model, localize, the paper's arms) and test its claims"
@@ -30,24 +30,29 @@ DESCRIPTION = (
     "over seeds) and one line per claim of the paper. Writes OUT/table.txt, OUT/results.json, the head heatmap "
     "OUT/localize/heatmap.png and TensorBoard logs under OUT/runs. See docs/demo.md."
 )
-MARKER = ".alps-demo"  # an OUT folder holding this file is a previous demo and may be replaced
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="alps-demo", metavar="DIR", help="output folder (default ./alps-demo)")
     parser.add_argument(
-        "--seeds", type=int, default=None, metavar="N", help="fine-tuning seeds to average (default 3; 1 with --quick)"
+        "--seeds",
+        type=integer(1),
+        default=None,
+        metavar="N",
+        help="fine-tuning seeds to average (default 3; 1 with --quick)",
     )
     parser.add_argument(
-        "--steps", type=float, default=1.0, metavar="X", help="multiply every step count by X (default 1.0)"
+        "--steps", type=number(above=0), default=1.0, metavar="X", help="multiply every step count by X (default 1.0)"
     )
     parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present (default)"
     )
-    parser.add_argument("--nproc", type=int, default=2, metavar="N", help="local ranks (default 2)")
+    parser.add_argument("--nproc", type=integer(1), default=2, metavar="N", help="local ranks (default 2)")
     parser.add_argument("--task", default="reverse", metavar="NAME", help="target task (default reverse)")
-    parser.add_argument("--ratio", type=float, default=0.1, metavar="R", help="head ratio of the 10 %% arms")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the base, the task model and the first arm seed")
+    parser.add_argument("--ratio", type=ratio, default=0.1, metavar="R", help="head ratio of the 10 %% arms")
+    parser.add_argument(
+        "--seed", type=integer(0), default=0, help="seed of the base, the task model and the first arm seed"
+    )
     parser.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; numbers mean little)")
 
 
@@ -71,19 +76,6 @@ def _device(choice: str, nproc: int) -> str:
     return choice
 
 
-def _prepare(out: Path) -> None:
-    """An empty OUT; a previous demo there is replaced, anything else is left alone."""
-    if out.exists():
-        if not out.is_dir():
-            raise AlpsError(f"--out {out}: exists and is not a folder; choose another --out")
-        if any(out.iterdir()):
-            if not (out / MARKER).exists():
-                raise AlpsError(f"--out {out}: folder is not empty and not a previous demo; choose another --out")
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by alps-ds demo; replaced by the next demo run into this folder\n")
-
-
 def _launch(out: Path, nproc: int, device: str) -> int:
     """Start the ranks; their output goes to the terminal and to OUT/demo.log."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
@@ -102,37 +94,33 @@ def _launch(out: Path, nproc: int, device: str) -> int:
         env["OMP_NUM_THREADS"] = "1"
     with open(out / "demo.log", "wb") as logf:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        while chunk := os.read(proc.stdout.fileno(), 65536):
-            logf.write(chunk)
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
+        try:
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                logf.write(chunk)
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+        except BaseException:  # Ctrl-C or SIGTERM: stop the ranks too, before their folder is removed
+            proc.terminate()
+            proc.wait()
+            raise
         return proc.wait()
 
 
-def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+def _relocate(work: Path, out: Path) -> None:
+    """Paths the ranks recorded (results.json, each arm's run YAML, heads.json provenance) name the folder the
+    demo was built in; make them name OUT, where it is about to be swapped in."""
+    for path in work.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml", ".txt", ".log"):
+            text = path.read_text(errors="surrogateescape")
+            if str(work) in text:
+                path.write_text(text.replace(str(work), str(out)), errors="surrogateescape")
 
-    from alps_ds.demo.config import DemoConfig
+
+def _table(work: Path, cfg, where: str, started: float) -> str:
+    """The comparison table of the ranks' results.json, also written to table.txt."""
     from alps_ds.demo.report import claims, render_table, retained, summarize
-    from alps_ds.fsutil import atomic_write_text
 
-    cfg = (DemoConfig.quick() if args.quick else DemoConfig()).scaled(args.steps)
-    seeds = cfg.seeds if args.seeds is None else args.seeds
-    cfg = replace(cfg, seeds=seeds, nproc=args.nproc, target=args.task, ratio=args.ratio, seed=args.seed).check()
-    cfg = replace(cfg, device=_device(args.device, args.nproc))
-    out = Path(args.out).expanduser().resolve()
-    _prepare(out)
-    cfg.save(out / "config.json")
-    where = "CPU" if cfg.device == "cpu" else "CUDA"
-    print(
-        f"alps-ds demo: {cfg.nproc} rank(s) on {where}, target task {cfg.target!r}, {cfg.seeds} seed(s), output {out}",
-        flush=True,
-    )
-    started = time.time()
-    code = _launch(out, cfg.nproc, cfg.device)
-    if code != 0:
-        raise AlpsError(f"the demo's ranks exited with code {code}; see the output above and {out / 'demo.log'}")
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((work / "results.json").read_text())
     stats = summarize(results)
     minutes = (time.time() - started) / 60
     head = (
@@ -142,7 +130,35 @@ def run(args: argparse.Namespace) -> int:
     )
     base = retained(results["pretrain"]["eval"], cfg.target)
     text = "\n".join([head, "", render_table(stats, base), "", claims(stats)]) + "\n"
-    atomic_write_text(out / "table.txt", text)
+    (work / "table.txt").write_text(text)
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from alps_ds.demo.config import DemoConfig
+    from alps_ds.fsutil import atomic_dir, check_output_dir
+
+    cfg = (DemoConfig.quick() if args.quick else DemoConfig()).scaled(args.steps)
+    seeds = cfg.seeds if args.seeds is None else args.seeds
+    cfg = replace(cfg, seeds=seeds, nproc=args.nproc, target=args.task, ratio=args.ratio, seed=args.seed).check()
+    cfg = replace(cfg, device=_device(args.device, args.nproc))
+    # A previous demo in OUT stays in place until this one has finished: the run is built beside it.
+    out = check_output_dir(args.out, flag="--out", command="demo")
+    where = "CPU" if cfg.device == "cpu" else "CUDA"
+    print(
+        f"alps-ds demo: {cfg.nproc} rank(s) on {where}, target task {cfg.target!r}, {cfg.seeds} seed(s), output {out}",
+        flush=True,
+    )
+    started = time.time()
+    with atomic_dir(out, command="demo") as work:
+        cfg.save(work / "config.json")
+        code = _launch(work, cfg.nproc, cfg.device)
+        if code != 0:
+            raise AlpsError(f"the demo's ranks exited with code {code}; see the output above ({out} is unchanged)")
+        text = _table(work, cfg, where, started)
+        _relocate(work, out)
     print("\n" + text)
     print(f"heatmap: {out / 'localize' / 'heatmap.png'}   TensorBoard: tensorboard --logdir {out / 'runs'}")
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alps_ds.argtypes import integer, ratio
 from alps_ds.errors import AlpsError
 from alps_ds.selection import HeadSelection
 
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("show", help="fingerprint, method, heads per layer, top heads, heatmap")
     p.add_argument("file", metavar="FILE", help="heads.json (or a folder holding one)")
-    p.add_argument("--top", type=int, default=10, metavar="N", help="how many top heads to list (default 10)")
+    p.add_argument("--top", type=integer(0), default=10, metavar="N", help="how many top heads to list (default 10)")
     p.add_argument("--png", metavar="OUT", help="also write a heatmap image (scores, selected heads marked)")
     p.set_defaults(_heads=_show)
 
@@ -52,12 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="two or more heads.json of one model")
     p.add_argument("--op", required=True, choices=("union", "intersect", "vote"), help="how to combine")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the new heads.json")
-    p.add_argument("--ratio", type=float, metavar="R", help="with --op vote: keep exactly this fraction of heads")
+    p.add_argument("--ratio", type=ratio, metavar="R", help="with --op vote: keep exactly this fraction of heads")
     p.set_defaults(_heads=_combine)
 
     p = sub.add_parser("resize", help="re-cut a scored selection to another ratio (top-K by stored scores)")
     p.add_argument("file", metavar="FILE", help="heads.json that carries scores")
-    p.add_argument("--ratio", required=True, type=float, metavar="R", help="fraction of all heads to keep, in (0, 1]")
+    p.add_argument("--ratio", required=True, type=ratio, metavar="R", help="fraction of all heads to keep, in (0, 1]")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the new heads.json")
     p.set_defaults(_heads=_resize)
 
@@ -68,9 +69,37 @@ def run(args: argparse.Namespace) -> int:
 
 # ---- file handling -------------------------------------------------------------------------
 def _in_path(name: str) -> Path:
-    """A heads.json, or a folder holding one (what localize --out writes); used for --out too."""
-    path = Path(name)
-    return path / "heads.json" if path.is_dir() else path
+    """A heads.json, or a folder holding one (what localize --out writes)."""
+    from alps_ds.selection import heads_file
+
+    return heads_file(name)
+
+
+def _out_path(name: str, inputs) -> Path:
+    """Where --out may write: a file (a folder or a path ending in '/' gets heads.json inside it), never an
+    input, and an existing file only when it is a heads.json."""
+    from alps_ds.fsutil import check_output_file
+    from alps_ds.selection import is_heads_file
+
+    return check_output_file(
+        name, flag="--out", default_name="heads.json", is_own=is_heads_file, what="a heads.json", inputs=inputs
+    )
+
+
+def _png_path(name: str | None, inputs) -> str | None:
+    """Where --png may write: never over an input, an existing file only when it is a PNG image."""
+    if name is None:
+        return None
+    from alps_ds.fsutil import check_output_file
+
+    def is_png(path: Path) -> bool:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    path = check_output_file(
+        name, flag="--png", default_name="heatmap.png", is_own=is_png, what="a PNG image", inputs=inputs
+    )
+    return str(path)
 
 
 def _label(path: str | Path) -> str:
@@ -79,8 +108,7 @@ def _label(path: str | Path) -> str:
     return f"{path.parent.name}/{path.name}" if path.name == "heads.json" and path.parent.name else path.name
 
 
-def _save(selection: HeadSelection, name: str) -> Path:
-    path = _in_path(name)
+def _save(selection: HeadSelection, path: Path) -> Path:
     try:
         return selection.save(path)
     except OSError as e:
@@ -146,9 +174,8 @@ def _score_ranks(scores: np.ndarray) -> np.ndarray:
 
 
 def _show(args: argparse.Namespace) -> int:
-    if args.top < 0:
-        raise AlpsError(f"--top {args.top} is negative; pass a count such as --top 10")
     path = _in_path(args.file)
+    png = _png_path(args.png, [path])
     sel = HeadSelection.load(path)
     m = sel.model
     out = [str(path), *_describe(sel), f"heads per layer (of {m.num_heads}):"]
@@ -172,9 +199,9 @@ def _show(args: argparse.Namespace) -> int:
         out.append(f"first {len(top)} selected heads (no scores stored): {', '.join(f'{a}:{b}' for a, b in top)}")
     out.append(_text_map(sel))
     print("\n".join(out))
-    if args.png:
-        _save_png(args.png, [_panel(_label(path), sel)])
-        print(f"wrote {args.png}")
+    if png:
+        _save_png(png, [_panel(_label(path), sel)])
+        print(f"wrote {png}")
     return 0
 
 
@@ -193,6 +220,7 @@ def _compare(args: argparse.Namespace) -> int:
     if len(args.files) < 2:
         raise AlpsError("heads compare needs at least two files")
     paths = [str(_in_path(f)) for f in args.files]
+    png = _png_path(args.png, paths)
     sels = [HeadSelection.load(p) for p in paths]
     names = ops.check_same_model(sels, paths)
     pairs = [
@@ -222,10 +250,10 @@ def _compare(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1))
     else:
         print("\n".join(_compare_tables(names, sels, pairs, len(in_all), int((counts > 0).sum()), per_layer)))
-    if args.png:
-        _save_png(args.png, [_panel(f"[{i + 1}] {_label(n)}", s) for i, (n, s) in enumerate(zip(names, sels))])
+    if png:
+        _save_png(png, [_panel(f"[{i + 1}] {_label(n)}", s) for i, (n, s) in enumerate(zip(names, sels))])
         if not args.json:
-            print(f"wrote {args.png}")
+            print(f"wrote {png}")
     return 0
 
 
@@ -257,12 +285,13 @@ def _combine(args: argparse.Namespace) -> int:
     if args.ratio is not None and args.op != "vote":
         raise AlpsError(f"--ratio applies to --op vote only; re-cut the {args.op} with 'alps-ds heads resize'")
     paths = [str(_in_path(f)) for f in args.files]
+    out = _out_path(args.out, paths)
     sels = [HeadSelection.load(p) for p in paths]
     if args.op == "vote":
         result = ops.vote(sels, ratio=args.ratio, sources=paths)
     else:
         result = getattr(ops, args.op)(sels, sources=paths)
-    path = _save(result, args.out)
+    path = _save(result, out)
     total = result.model.total_heads
     print(f"wrote {path}: {len(result)} of {total} heads ({_pct(len(result), total)}), {args.op} of {len(sels)} files")
     return 0
@@ -272,9 +301,10 @@ def _resize(args: argparse.Namespace) -> int:
     from alps_ds.selection_ops import resize
 
     path = _in_path(args.file)
+    target = _out_path(args.out, [path])
     sel = HeadSelection.load(path)
     result = resize(sel, args.ratio, source=str(path))
-    out = _save(result, args.out)
+    out = _save(result, target)
     total = result.model.total_heads
     print(f"wrote {out}: {len(result)} of {total} heads ({_pct(len(result), total)}); {path} had {len(sel)}")
     return 0

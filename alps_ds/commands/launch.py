@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 
+from alps_ds.argtypes import integer
 from alps_ds.errors import AlpsError
 
 HELP = "launch training on several nodes (hostfile, SLURM, mpirun) after pre-flight checks; --dry-run prints argv"
@@ -31,9 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--hostfile", metavar="FILE", help="'HOST slots=N' per line (see launch/hostfile.example)")
     src.add_argument("--slurm", action="store_true", help="take hosts, GPUs and node rank from the SLURM job")
     parser.add_argument("--mpi", action="store_true", help="start ranks with one mpirun (hosts from --hostfile)")
-    parser.add_argument("--nproc-per-node", type=int, metavar="N", help="ranks per node (default: slots / GPUs / 1)")
+    parser.add_argument(
+        "--nproc-per-node", type=integer(1), metavar="N", help="ranks per node (default: slots / GPUs / 1)"
+    )
     parser.add_argument("--master-addr", metavar="A", help="rendezvous host (default: the first host)")
-    parser.add_argument("--master-port", type=int, default=DEFAULT_PORT, metavar="P", help="rendezvous port")
+    parser.add_argument(
+        "--master-port", type=integer(1, 65535), default=DEFAULT_PORT, metavar="P", help="rendezvous port"
+    )
     parser.add_argument("--starter", choices=STARTERS, default=STARTERS[0], help="what starts ranks on each node")
     parser.add_argument(
         "--launcher",
@@ -42,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the deepspeed launcher reaches the other nodes (without --no-ssh)",
     )
     parser.add_argument("--no-ssh", action="store_true", help="one deepspeed command per node (run each on its node)")
-    parser.add_argument("--node-rank", type=int, help="with per-node commands: which node this is")
+    parser.add_argument("--node-rank", type=integer(0), help="with per-node commands: which node this is")
     parser.add_argument("--include", help="deepspeed --include, e.g. 'node1:0,1@node2:0' (default: all slots)")
     parser.add_argument("--mpi-flavor", choices=("auto", *MPI_FLAVORS), default="auto")
     parser.add_argument("--hostfile-out", metavar="FILE", help="--slurm: where to write the hostfile")
@@ -76,6 +81,22 @@ def _run_config(train_args: list[str]):
     if known.config is None and not known.overrides:
         return None
     return load_run(known.config, known.overrides)
+
+
+def _hostfile_out(name: str):
+    """Where --slurm writes its hostfile: never over a file that is not a hostfile (a run YAML, say)."""
+    from alps_ds.fsutil import check_output_file
+    from alps_ds.launcher.hosts import read_hostfile
+
+    def is_hostfile(path) -> bool:
+        try:
+            return bool(read_hostfile(path))
+        except AlpsError:
+            return False
+
+    return check_output_file(
+        name, flag="--hostfile-out", default_name="hostfile", is_own=is_hostfile, what="a hostfile"
+    )
 
 
 def plan_commands(args: argparse.Namespace, env=os.environ):
@@ -122,17 +143,22 @@ def _hosts(args: argparse.Namespace, env, notes: list[str]):
         job = hostmod.slurm_job(env, args.nproc_per_node)
         hosts = list(job.hosts)
         node_rank = job.node_rank if node_rank is None else node_rank
-        hostfile = args.hostfile_out or os.path.join(".alps-ds", f"hostfile.{job.job_id}")
-        if not args.dry_run:
-            hostmod.write_hostfile(hostfile, hosts)
+        hostfile = str(_hostfile_out(args.hostfile_out or os.path.join(".alps-ds", f"hostfile.{job.job_id}")))
         notes.append(f"hostfile {hostfile}: {len(hosts)} nodes x {hosts[0].slots} GPUs (SLURM)")
-        return hosts, hostfile, node_rank
-    if args.hostfile:
+    elif args.hostfile:
         hosts = hostmod.read_hostfile(args.hostfile)
         if args.nproc_per_node:
             hosts = [hostmod.Host(h.name, args.nproc_per_node) for h in hosts]
-        return hosts, args.hostfile, node_rank
-    return [hostmod.Host("localhost", args.nproc_per_node or 1)], None, node_rank
+        hostfile = args.hostfile
+    else:
+        hosts, hostfile = [hostmod.Host("localhost", args.nproc_per_node or 1)], None
+    if node_rank is not None and not 0 <= node_rank < len(hosts):  # every mode, --dry-run included
+        raise AlpsError(
+            f"--node-rank {node_rank} is outside the {len(hosts)} host(s) of this job; use 0..{len(hosts) - 1}"
+        )
+    if args.slurm and not args.dry_run:
+        hostmod.write_hostfile(hostfile, hosts)
+    return hosts, hostfile, node_rank
 
 
 def _deepspeed_commands(args: argparse.Namespace, hosts, hostfile, entry, master_addr: str):

@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from alps_ds.argtypes import integer
 from alps_ds.errors import AlpsError
 
 HELP = "show the local Q/K/V rows each tensor/pipeline-parallel rank trains for a selection"
@@ -24,11 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--heads", required=True, help="heads.json from 'alps-ds localize'")
     p.add_argument("--model", required=True, help="model folder or config.json (only the config is read)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size T (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size P (default 1)")
-    p.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per rank V (default 1)")
-    p.add_argument("--first-stage-layers", type=int, help="layers on the first stage (Megatron uneven split)")
-    p.add_argument("--last-stage-layers", type=int, help="layers on the last stage (Megatron uneven split)")
+    p.add_argument("--tp", type=integer(1), default=1, help="tensor-parallel size T (default 1)")
+    p.add_argument("--pp", type=integer(1), default=1, help="pipeline-parallel size P (default 1)")
+    p.add_argument("--vpp", type=integer(1), default=1, help="virtual pipeline stages per rank V (default 1)")
+    p.add_argument("--first-stage-layers", type=integer(1), help="layers on the first stage (Megatron uneven split)")
+    p.add_argument("--last-stage-layers", type=integer(1), help="layers on the last stage (Megatron uneven split)")
     p.add_argument(
         "--layout",
         choices=tuple(TP_LAYOUTS),
@@ -39,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rebalance",
         nargs="?",
-        type=int,
+        type=integer(1),
         const=0,
         metavar="CAP",
         help="rebalance across ranks: same head count, best scores, at most CAP query heads per (pp, tp) rank "
@@ -68,9 +69,10 @@ def _validate(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from alps_ds.arch import AttentionSpec
     from alps_ds.parallel.mapping import PipelineSplit, plan, rebalance
-    from alps_ds.selection import HeadSelection
+    from alps_ds.selection import HeadSelection, heads_file
 
     _validate(args)
+    out = _rebalance_out(args) if args.rebalance is not None else None
     spec = AttentionSpec.from_pretrained(args.model)
     selection = HeadSelection.load(args.heads, spec=spec)
     layout = args.layout or spec.native_tp_layout
@@ -82,13 +84,15 @@ def run(args: argparse.Namespace) -> int:
         if selection.scores is None:
             raise AlpsError(f"{args.heads}: --rebalance needs the 'scores' matrix; localize with --select top-k")
         r = rebalance(selection.scores, selection.heads, result.tensor, pipeline, cap=args.rebalance or None)
-        heads_path = Path(args.heads)
-        out = Path(args.out) if args.out else heads_path.with_name(f"{heads_path.stem}.rebalanced.json")
+        heads_path = heads_file(args.heads)
         prov = replace(
             selection.provenance, select=f"{selection.provenance.select}+rebalance", inputs=(str(heads_path),)
         )
         selection = selection.with_heads(r.heads, prov)
-        selection.save(out)
+        try:
+            selection.save(out)
+        except OSError as e:
+            raise AlpsError(f"--out {out}: cannot write ({e.strerror or e}); choose another --out") from e
         print(
             f"rebalanced {len(r.heads)} heads, at most {r.cap} per rank ({layout}, tp {args.tp}, pp {args.pp}): "
             f"score {r.score_before:.6g} -> {r.score_after:.6g}, given up {r.score_given_up:.6g}; wrote {out}",
@@ -100,6 +104,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print_text(result, layout, args, len(selection))
     return 0
+
+
+def _rebalance_out(args: argparse.Namespace) -> Path:
+    """Where --rebalance writes (default HEADS.rebalanced.json beside the input), checked before any work."""
+    from alps_ds.fsutil import check_output_file
+    from alps_ds.selection import heads_file, is_heads_file
+
+    heads_path = heads_file(args.heads)
+    name = args.out or heads_path.with_name(f"{heads_path.stem}.rebalanced.json")
+    return check_output_file(
+        name,
+        flag="--out",
+        default_name="heads.rebalanced.json",
+        is_own=is_heads_file,
+        what="a heads.json",
+        inputs=(heads_path, args.model),
+    )
 
 
 def _print_text(result, layout: str, args: argparse.Namespace, num_heads: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from alps_ds.argtypes import integer, ratio
+
 HELP = "score every attention head by how far the task model moved it; write heads.json, scores.csv, heatmap.png"
 DESCRIPTION = (
     "Stream the Q/K/V weights of a base model and its task fine-tune layer by layer, score every "
@@ -21,13 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model: folder written by save_pretrained, or a hub id")
     p.add_argument("--task", required=True, help="task model (a fine-tune of the base): folder or hub id")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files replaced atomically)")
-    p.add_argument("--ratio", type=float, default=0.1, help="fraction of all heads to keep, in (0, 1] (default 0.1)")
+    p.add_argument("--ratio", type=ratio, default=0.1, help="fraction of all heads to keep, in (0, 1] (default 0.1)")
     p.add_argument("--metric", default=DEFAULT_METRIC, help=f"{' | '.join(METRICS)} (default {DEFAULT_METRIC}: s_PAD)")
     p.add_argument(
         "--head-repr", default=DEFAULT_HEAD_REPR, help=f"{' | '.join(HEAD_REPRS)} (default {DEFAULT_HEAD_REPR}, eq. 5)"
     )
     p.add_argument("--select", default=None, help=f"{' | '.join(METHODS)} (default {METHODS[0]})")
-    p.add_argument("--seed", type=int, default=0, help="seed of --select random / layer-consistent (default 0)")
+    p.add_argument("--seed", type=integer(0), default=0, help="seed of --select random / layer-consistent (default 0)")
     p.add_argument(
         "--dtype",
         default=DEFAULT_DTYPE,
@@ -87,27 +89,16 @@ def _summary(made, out) -> str:
     return "\n".join(lines)
 
 
-def _check_out(out) -> None:
-    """Before scoring (minutes on a large model): DIR, or the first of its parents that exists, must be a folder."""
-    from alps_ds.errors import AlpsError
-
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        what = "exists and is not a folder" if existing == out else f"{existing} is a file, not a folder"
-        raise AlpsError(f"--out {out}: {what}; pick another path")
-
-
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from alps_ds.choose import parse_heads
+    from alps_ds.fsutil import check_output_dir
     from alps_ds.localize import make_selection, write_outputs
     from alps_ds.localize.score import resolve_device
 
     method = _validate(args)
     resolve_device(args.device, source="--device")  # imports torch: after the cheap checks
-    out = Path(args.out)
-    _check_out(out)
+    # Before scoring (minutes on a large model). Files in DIR other than the three written are left alone.
+    out = check_output_dir(args.out, flag="--out", command="localize", inputs=(args.base, args.task), whole=False)
     made = make_selection(
         args.base,
         args.task,

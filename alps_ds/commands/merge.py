@@ -15,12 +15,19 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, metavar="DIR", help="base model folder (safetensors)")
     parser.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder written by save_adapter")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder: new, empty, or an earlier merge output (replaced atomically)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from alps_ds.adapter import merge_adapter_into_checkpoint
+    from alps_ds.fsutil import check_output_dir
 
-    out = merge_adapter_into_checkpoint(args.base, args.adapter, args.out)
+    out = check_output_dir(args.out, flag="--out", command="merge", inputs=(args.base, args.adapter))
+    out = merge_adapter_into_checkpoint(args.base, args.adapter, out)
     print(f"merged {args.adapter} into {args.base} -> {out}")
     return 0

@@ -6,6 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 
+from alps_ds.argtypes import integer, number, ratio
 from alps_ds.errors import AlpsError
 from alps_ds.layout import KV_POLICIES
 from alps_ds.train.config import DEFAULT_ZERO_STAGE, ZERO_STAGES
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "batch from this alps-ds train run config (options given here override, --tp must agree)",
     )
     parser.add_argument("--model", metavar="CONFIG_OR_DIR", help="model folder, config.json or hub id")
-    parser.add_argument("--ratio", type=float, help="fraction of heads ALPS trains (default 0.1)")
+    parser.add_argument("--ratio", type=ratio, help="fraction of heads ALPS trains (default 0.1)")
     parser.add_argument("--heads", metavar="HEADS_JSON", help="plan for this selection instead of the worst case")
     parser.add_argument("--kv", choices=KV_POLICIES, help="train K/V rows of selected heads (default group)")
     parser.add_argument("--train-others", nargs="*", metavar="PATTERN", help="modules trained in full")
@@ -38,20 +39,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"ZeRO stage (default {DEFAULT_ZERO_STAGE}, as alps-ds train without a DeepSpeed config)",
     )
     parser.add_argument("--offload", action="store_true", help="ZeRO optimizer offload: master + Adam in host RAM")
-    parser.add_argument("--tp", type=int, help="tensor-parallel size (default 1)")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    parser.add_argument("--dp", type=int, help="data-parallel size (default: all GPUs / (tp * pp))")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes (with --gpus-per-node gives the GPU count)")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory per GPU in GiB")
-    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
+    parser.add_argument("--tp", type=integer(1), help="tensor-parallel size (default 1)")
+    parser.add_argument("--pp", type=integer(1), default=1, help="pipeline-parallel size")
+    parser.add_argument("--dp", type=integer(1), help="data-parallel size (default: all GPUs / (tp * pp))")
+    parser.add_argument("--nodes", type=integer(1), default=1, help="nodes (with --gpus-per-node gives the GPU count)")
+    parser.add_argument("--gpus-per-node", type=integer(1), default=8)
+    parser.add_argument("--gpu-mem", type=number(above=0), default=80.0, metavar="GIB", help="memory per GPU in GiB")
+    parser.add_argument("--headroom", type=number(), default=0.1, help="fraction of GPU memory kept free (default 0.1)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="weight/gradient dtype (default bf16)")
-    parser.add_argument("--seq-len", type=int, help="sequence length (default 4096)")
-    parser.add_argument("--micro-batch", type=int, help="sequences per rank per forward (default 1)")
+    parser.add_argument("--seq-len", type=integer(1), help="sequence length (default 4096)")
+    parser.add_argument("--micro-batch", type=integer(1), help="sequences per rank per forward (default 1)")
     parser.add_argument(
         "--checkpointing", action=argparse.BooleanOptionalAction, help="activation checkpointing (default on)"
     )
-    parser.add_argument("--lora-rank", type=int, default=128)
+    parser.add_argument("--lora-rank", type=integer(1), default=128)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 

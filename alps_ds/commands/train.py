@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from alps_ds.train.config import load_config
+    from alps_ds.train.config import load_config, output_dir
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    output_dir(cfg)  # before DeepSpeed starts: a bad output.dir is one line, and nothing is written
     from alps_ds.train.distributed import shutdown
     from alps_ds.train.loop import train
 

@@ -56,6 +56,7 @@ class CheckInputs:
     master_port: int | None = None
     max_imbalance: float | None = None  # fail above this max/mean trainable elements over ranks
     tp_conflict: str | None = None  # a --tp/--tp-layout the run config's parallel.tp contradicts
+    run: object | None = None  # the train RunConfig: its inputs, batch, DeepSpeed JSON, data checked as train does
     notes: list[str] = field(default_factory=list)
 
 
@@ -119,13 +120,20 @@ def run_checks(inp: CheckInputs) -> list[Finding]:
         add(Finding("memory", "skip", "the world size does not split over tp x pp"))
     else:
         _memory_check(inp, cfg, heads, add)
+    _output_check(inp, add)
+    if inp.run is not None:
+        _run_checks(inp, add)
+    _port_check(inp, add)
+    return out
+
+
+def _output_check(inp: CheckInputs, add) -> None:
+    """The output folder can be written and train would accept it (train's own output.dir rules)."""
     if inp.output_dir:
-        why = writable_dir(inp.output_dir)
+        why = writable_dir(inp.output_dir) or _train_output(inp)
         add(Finding("output dir", "fail" if why else "ok", why or f"{inp.output_dir} is writable"))
     else:
         add(Finding("output dir", "skip", "no output folder given"))
-    _port_check(inp, add)
-    return out
 
 
 def _world_check(inp: CheckInputs, add) -> None:
@@ -163,6 +171,8 @@ def _model_checks(inp: CheckInputs, add):
             spec = AttentionSpec.from_config(cfg, source=inp.model)
         except AlpsError as e:
             add(Finding("model", "fail", str(e)))
+        else:
+            add(_weights_finding(inp.model))
     if spec is None:
         add(Finding("selection", "skip", "no model config given (--model)"))
     elif inp.heads:
@@ -196,6 +206,68 @@ def _port_check(inp: CheckInputs, add) -> None:
                 f"{inp.master_port} is in use on this host; pass another --master-port (or stop the old job)",
             )
         )
+
+
+def _weights_finding(model: str) -> Finding:
+    """The weights train and merge will read from a local model folder: present as safetensors, headers sound.
+    A folder holding only config.json (planning before the download) is skipped, not passed."""
+    from alps_ds.localize.reader import weight_shards
+
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return Finding("weights", "skip", f"{model} is not a local model folder")
+    try:
+        shards = weight_shards(folder)
+    except AlpsError as e:
+        return Finding("weights", "fail", str(e))
+    if shards:
+        return Finding("weights", "ok", f"{len(set(shards.values()))} safetensors file(s), headers complete")
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        return Finding("weights", "fail", f"{folder}: pickle weights only; alps-ds trains safetensors checkpoints only")
+    return Finding("weights", "skip", f"{folder}: no weight files yet (config only)")
+
+
+def _train_output(inp: CheckInputs) -> str | None:
+    """Why ``alps-ds train`` would refuse the output folder (an input, a file, a folder it did not write)."""
+    if inp.run is None:
+        return None
+    from dataclasses import replace
+
+    from alps_ds.train.config import output_dir
+
+    try:
+        output_dir(replace(inp.run, output=replace(inp.run.output, dir=inp.output_dir)))
+    except AlpsError as e:
+        return str(e)
+    return None
+
+
+def _run_checks(inp: CheckInputs, add) -> None:
+    """What ``alps-ds train`` checks of the run before it starts: batch vs ranks, the DeepSpeed JSON, local data."""
+    from alps_ds.train.config import gradient_accumulation
+    from alps_ds.train.data import check_local_dataset
+    from alps_ds.train.engine_config import deepspeed_config
+
+    run = inp.run
+    try:
+        accum = gradient_accumulation(run, inp.world_size)
+        deepspeed_config(run, accum)
+        add(
+            Finding(
+                "batch",
+                "ok",
+                f"train.batch {run.train.batch} = micro batch {run.train.micro_batch} x "
+                f"{accum} accumulation x {inp.world_size} ranks",
+            )
+        )
+    except AlpsError as e:
+        add(Finding("batch", "fail", str(e)))
+    try:
+        for ds in run.data.datasets:
+            check_local_dataset(ds)
+        add(Finding("data", "ok", f"{len(run.data.datasets)} dataset(s) found (hub names are not checked)"))
+    except AlpsError as e:
+        add(Finding("data", "fail", str(e)))
 
 
 def _tp_checks(inp: CheckInputs, spec, heads, add) -> None:
@@ -290,12 +362,14 @@ def failed(findings: list[Finding]) -> bool:
 
 def add_check_arguments(parser) -> None:
     """Options shared by ``alps-ds check`` and ``alps-ds launch``: what to check the job against."""
+    from alps_ds.argtypes import integer, number, ratio
+
     g = parser.add_argument_group("pre-flight checks")
     g.add_argument("--model", metavar="CONFIG_OR_DIR", help="model folder or config.json (default: from the run YAML)")
     g.add_argument("--heads", metavar="HEADS_JSON", help="head selection (default: from the run YAML)")
-    g.add_argument("--ratio", type=float, help="head ratio for the memory plan without --heads (default: YAML, 0.1)")
-    g.add_argument("--tp", type=int, help="tensor-parallel size (default: the run YAML's parallel.tp, 1)")
-    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    g.add_argument("--ratio", type=ratio, help="head ratio for the memory plan without --heads (default: YAML, 0.1)")
+    g.add_argument("--tp", type=integer(1), help="tensor-parallel size (default: the run YAML's parallel.tp, 1)")
+    g.add_argument("--pp", type=integer(1), default=1, help="pipeline-parallel size")
     g.add_argument(
         "--tp-layout",
         choices=tuple(TP_LAYOUTS),
@@ -308,13 +382,17 @@ def add_check_arguments(parser) -> None:
         help=f"ZeRO stage for the memory plan (default: YAML, {DEFAULT_ZERO_STAGE})",
     )
     g.add_argument("--offload", action="store_true", help="plan with ZeRO optimizer offload")
-    g.add_argument("--gpu-mem", type=float, metavar="GIB", help="GPU memory in GiB; enables the memory check")
+    g.add_argument("--gpu-mem", type=number(above=0), metavar="GIB", help="GPU memory in GiB; enables the memory check")
     g.add_argument(
-        "--seq-len", type=int, help="sequence length for the activation estimate (default: YAML data.max_length, 4096)"
+        "--seq-len",
+        type=integer(1),
+        help="sequence length for the activation estimate (default: YAML data.max_length, 4096)",
     )
-    g.add_argument("--micro-batch", type=int, help="micro batch for the activation estimate (default: YAML, 1)")
+    g.add_argument("--micro-batch", type=integer(1), help="micro batch for the activation estimate (default: YAML, 1)")
     g.add_argument("--output-dir", metavar="DIR", help="where the job writes (default: from the run YAML)")
-    g.add_argument("--max-imbalance", type=float, help="fail when max/mean trainable elements over ranks exceeds it")
+    g.add_argument(
+        "--max-imbalance", type=number(above=0), help="fail when max/mean trainable elements over ranks exceeds it"
+    )
 
 
 def inputs_from_args(
@@ -381,6 +459,7 @@ def fill_from_run(inp: CheckInputs, run, given: set[str]) -> None:
         inp.notes.append(f"model {path} is built in code: model, selection and memory checks skipped")
     if inp.heads is None and run.selection.heads:
         inp.heads = run.selection.heads
+    inp.run = run
     if inp.output_dir is None:
         inp.output_dir = run.output.dir
     inp.kv = run.kv

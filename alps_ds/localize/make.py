@@ -144,10 +144,10 @@ def scores_csv(scores: np.ndarray) -> str:
 def write_outputs(made: Localized, out: str | os.PathLike, *, source: str = "out") -> Path:
     """Write OUT/heads.json, OUT/scores.csv and OUT/heatmap.png; errors name ``source`` (e.g. ``--out``).
 
-    Everything is rendered in memory first and each file replaced atomically: a failure leaves each
-    file either the old one or the new one.
+    Everything is rendered in memory first and the three files replace the old ones in one swap (with
+    localize's marker): a failure or an interrupt leaves the old ones. Other files in ``out`` are left alone.
     """
-    from alps_ds.fsutil import atomic_write_bytes, atomic_write_text
+    from alps_ds.fsutil import atomic_files
     from alps_ds.heatmap import Panel, render_heatmap
 
     out = Path(out)
@@ -160,9 +160,9 @@ def write_outputs(made: Localized, out: str | os.PathLike, *, source: str = "out
         "heatmap.png": render_heatmap([Panel(title, L, n, scores, sel.heads)]),
     }
     try:
-        for name, content in files.items():
-            write = atomic_write_bytes if isinstance(content, bytes) else atomic_write_text
-            write(out / name, content)
+        with atomic_files(out, command="localize") as put:
+            for name, content in files.items():
+                put(name, content)
     except OSError as e:  # read-only, full disk
         raise AlpsError(f"{source} {out}: cannot write ({e.strerror or e}); pick a writable folder") from e
     return out

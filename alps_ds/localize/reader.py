@@ -10,6 +10,7 @@ reads, memory holds exactly the tensors the caller keeps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -92,6 +93,41 @@ def read_index(path: Path) -> dict[str, str]:
     return weight_map
 
 
+def weights_entry(model_dir: Path) -> Path | None:
+    """The safetensors file ``from_pretrained`` loads a local folder from, so that localize, train and merge read
+    the same weights it does: config.json's ``transformers_weights`` when set, else ``model.safetensors``, else
+    the shard index (transformers 5 prefers the single file when both exist); None without safetensors."""
+    explicit = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        explicit = json.loads((model_dir / "config.json").read_text()).get("transformers_weights")
+    if explicit is not None:
+        name = str(explicit)
+        if Path(name).name != name or not name.endswith((".safetensors", ".safetensors.index.json")):
+            raise AlpsError(
+                f"{model_dir / 'config.json'}: transformers_weights {explicit!r} is not a safetensors file in the "
+                "model folder; fix or remove the key"
+            )
+        return model_dir / name
+    for name in (SINGLE_FILE, INDEX_FILE):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    return None
+
+
+def weight_shards(model_dir: Path) -> dict[str, str]:
+    """Tensor name -> shard file name of the checkpoint :func:`weights_entry` picks, every shard's header checked
+    (a missing or truncated shard is one error naming it); {} without safetensors."""
+    entry = weights_entry(model_dir)
+    if entry is None:
+        return {}
+    if entry.name.endswith(".index.json"):
+        shard_of = read_index(entry)
+        for shard in sorted(set(shard_of.values())):
+            read_header(model_dir / shard)
+        return shard_of
+    return dict.fromkeys(read_header(entry), entry.name)
+
+
 def read_header(shard: Path) -> dict[str, TensorInfo]:
     """Parse a safetensors header; errors name the file."""
     try:
@@ -153,7 +189,7 @@ class CheckpointReader:
 
     def _locate(self) -> None:
         """Map every needed tensor name to its shard and byte range, reading headers only."""
-        if not (self.dir / INDEX_FILE).is_file() and not (self.dir / SINGLE_FILE).is_file():
+        if weights_entry(self.dir) is None:  # no safetensors: a pickle checkpoint, or nothing to read
             pickled = [p for p in _PICKLE_FILES if (self.dir / p).exists()]
             if pickled and self.allow_pickle:
                 self._load_pickle()
@@ -277,16 +313,14 @@ class CheckpointReader:
 def locate_tensors(model_dir: Path, names: list[str], *, label: str) -> dict[str, TensorInfo]:
     """Name -> where its bytes live, for ``names`` of a safetensors checkpoint (headers only).
 
-    The file choice of every reader here (the shard index when there is one, else the single file);
+    The file choice of every reader here is :func:`weights_entry`'s (the one ``from_pretrained`` loads);
     every missing file or tensor is one AlpsError naming it.
     """
-    index_path, single = model_dir / INDEX_FILE, model_dir / SINGLE_FILE
-    if index_path.is_file():
-        index = read_index(index_path)
-    elif single.is_file():
-        index = None
-    else:
+    entry = weights_entry(model_dir)
+    if entry is None:
         raise AlpsError(f"{label} {model_dir}: no {SINGLE_FILE} or {INDEX_FILE}; not a safetensors checkpoint")
+    index_path = single = entry
+    index = read_index(entry) if entry.name.endswith(".index.json") else None
     headers: dict[Path, dict[str, TensorInfo]] = {}
     out = {}
     for name in names:

@@ -121,6 +121,9 @@ def shard(
     later see the same batches). The LM head and embeddings stay replicated. With ``selection``,
     a split that would leave a TP rank without selected rows is refused before anything changes.
     """
+    from alps_ds.deps import require_deepspeed
+
+    require_deepspeed()  # before the imports: AutoTPMeta is missing from older DeepSpeed
     from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, set_autotp_mode
     from deepspeed.module_inject.tp_shard import AutoTPMeta
     from deepspeed.utils import groups

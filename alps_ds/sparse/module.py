@@ -36,17 +36,47 @@ def _is_partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
+_GATHER_DEPTH = "_ds_z3_gathered_param_context_depth"  # DeepSpeed's mark of a param inside GatheredParameters
+
+
+@contextlib.contextmanager
 def gathered(params: Sequence[torch.Tensor], *, modify: bool = False):
     """Context giving full values of ZeRO-3 ``params`` (read-only unless ``modify``); a no-op otherwise.
 
-    With ``modify`` rank 0's edits are broadcast to every rank and re-partitioned on exit.
+    With ``modify`` rank 0's edits are broadcast to every rank and re-partitioned on exit. Params an
+    outer ``GatheredParameters`` of the caller already holds are not gathered again (DeepSpeed refuses
+    nested contexts over one param); edits to them are written into their partitions here, so they
+    last whatever the outer context does on exit.
     """
     params = [p for p in params if p is not None and _is_partitioned(p)]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
+    outer = [p for p in params if getattr(p, _GATHER_DEPTH, 0) > 0]
+    fresh = [p for p in params if getattr(p, _GATHER_DEPTH, 0) == 0]
+    if fresh:
+        import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+        context = deepspeed.zero.GatheredParameters(fresh, modifier_rank=0 if modify else None)
+    else:
+        context = contextlib.nullcontext()
+    with context:
+        yield
+        if modify and outer:
+            _write_partitions(outer)
+
+
+def _write_partitions(params: Sequence[torch.Tensor]) -> None:
+    """Rank 0's full value of each gathered ZeRO-3 param, broadcast and copied into every rank's partition."""
+    import torch.distributed as dist
+
+    for p in params:
+        group = p.ds_process_group
+        dist.broadcast(p.data, src=dist.get_global_rank(group, 0), group=group)
+        part = p.ds_tensor
+        size = int(part.ds_numel)
+        start = dist.get_rank(group=group) * size
+        flat = p.data.reshape(-1)
+        count = max(0, min(size, flat.numel() - start))
+        with torch.no_grad():
+            part.data[:count].copy_(flat[start : start + count])
 
 
 def full_numel(p: torch.Tensor) -> int:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import yaml
+
 from alps_ds.choose import METHODS
 from alps_ds.errors import AlpsError
 from alps_ds.layout import KV_POLICIES
@@ -138,12 +140,22 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = field(default="config", metadata={"internal": True})  # file name used in error messages
+    overridden: frozenset[str] = field(default=frozenset(), metadata={"internal": True})  # keys given with --set
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source")
+        d.pop("overridden")
         d["train"]["betas"] = list(d["train"]["betas"])
         return d
+
+    def where(self, key: str) -> str:
+        """Where ``key``'s value came from, to start an error about it: ``--set`` or the YAML file."""
+        key = key.replace("[", ".").replace("]", "")
+        for given in self.overridden:
+            if key == given or key.startswith(given + ".") or given.startswith(key + "."):
+                return "--set"
+        return self.source
 
 
 # ---- coercion ------------------------------------------------------------------------------------------
@@ -298,11 +310,38 @@ def _normalize(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _parse_scalar(text: str) -> Any:
-    import yaml
+class DuplicateKey(ValueError):
+    """A mapping that names one key twice (PyYAML would keep the last value silently)."""
 
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(f"key {key!r} is written twice (line {first} and line {again}); keep one")
+        self.line = again
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping instead of keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+        return super().construct_mapping(node, deep)
+
+
+def _parse_scalar(text: str, item: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKey as e:
+        raise AlpsError(f"--set {item!r}: {e}") from None
     except yaml.YAMLError:
         return text
 
@@ -347,8 +386,6 @@ def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a run YAML (or start from defaults when ``path`` is None) and apply ``key=value`` overrides."""
-    import yaml
-
     src = str(path) if path is not None else "config"
     data: dict[str, Any] = {}
     if path is not None:
@@ -360,7 +397,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except OSError as e:
             raise AlpsError(f"{p}: cannot read ({e})") from e
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=UniqueKeyLoader)
+        except DuplicateKey as e:
+            raise AlpsError(f"{p}: line {e.line}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -372,6 +411,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         data = _normalize(loaded)
     # Validate the file alone first so its errors name the file, not an override.
     _build(RunConfig, data, "", src)
+    given = set()
     if overrides:
         data = _with_defaults(data)
         for item in overrides:
@@ -379,7 +419,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             key = key.strip()
             if not eq or not key:
                 raise AlpsError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
-            _set_path(data, key, _parse_scalar(text), "--set")
+            given.add(key)
+            _set_path(data, key, _parse_scalar(text, item), "--set")
             try:
                 data = _normalize(data)
                 _build(RunConfig, data, "", "--set")
@@ -387,18 +428,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 raise AlpsError(str(e)) from None
     cfg = _build(RunConfig, data, "", src)
     cfg.source = src
+    cfg.overridden = frozenset(given)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: RunConfig) -> None:
     """Value checks beyond types; each error names the key."""
-    src = cfg.source
     t = cfg.train
 
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
-            raise AlpsError(f"{src}: {key}: {msg}")
+            raise AlpsError(f"{cfg.where(key)}: {key}: {msg}")
 
     need(bool(cfg.model.path), "model.path", "required: a Hugging Face model folder, hub id, or tiny:llama")
     if cfg.model.path.startswith("tiny:"):
@@ -439,6 +480,7 @@ def validate(cfg: RunConfig) -> None:
             "selection.method top-k localizes base against a task model: set selection.task, "
             "or selection.heads to a heads.json, or a baseline method (random, layer-consistent, all, none)",
         )
+    need(bool(cfg.output.dir.strip()), "output.dir", "required: the run's folder, e.g. runs/alps")
     need(cfg.output.checkpoint_every >= 0, "output.checkpoint_every", "must be >= 0 (0: only at the end)")
     need(cfg.output.keep_checkpoints >= 1, "output.keep_checkpoints", "must be at least 1")
     need(cfg.logging.every >= 1, "logging.every", "must be at least 1")
@@ -459,6 +501,20 @@ def _validate_engine(cfg: RunConfig, need) -> None:
         )
 
 
+def output_dir(cfg: RunConfig) -> Path:
+    """``output.dir``, checked before anything runs (on every rank, as ``alps-ds check`` does): never an input,
+    a file, or a non-empty folder that ``alps-ds train`` did not write."""
+    from alps_ds.fsutil import check_output_dir
+
+    datasets = [d.path for d in cfg.data.datasets]
+    ds_json = cfg.deepspeed if isinstance(cfg.deepspeed, str) else None
+    inputs = (cfg.model.path, cfg.model.tokenizer, cfg.selection.heads, cfg.selection.task, ds_json, *datasets)
+    try:
+        return check_output_dir(cfg.output.dir, flag="output.dir", command="train", inputs=inputs, whole=False)
+    except AlpsError as e:
+        raise AlpsError(f"{cfg.where('output.dir')}: {e}") from None
+
+
 def gradient_accumulation(cfg: RunConfig, world_size: int) -> int:
     """Micro-steps per optimizer step so that micro_batch x steps x data-parallel ranks equals the
     effective batch (the ranks of one tensor-parallel group share their batch)."""
@@ -468,7 +524,7 @@ def gradient_accumulation(cfg: RunConfig, world_size: int) -> int:
     if t.batch % per_step:
         ranks = f"data-parallel ranks, {world_size} / parallel.tp {cfg.parallel.tp}" if cfg.parallel.tp > 1 else "ranks"
         raise AlpsError(
-            f"{cfg.source}: train.batch: {t.batch} is not a multiple of train.micro_batch x {ranks} "
+            f"{cfg.where('train.batch')}: train.batch: {t.batch} is not a multiple of train.micro_batch x {ranks} "
             f"({t.micro_batch} x {dp} = {per_step}); pick a batch divisible by {per_step}"
         )
     return t.batch // per_step

@@ -61,10 +61,34 @@ def _local_builder(path: Path) -> tuple[str, list[str]]:
         kinds = {LOCAL_BUILDERS[p.suffix] for p in files}
         if len(kinds) != 1:
             raise AlpsError(f"{path}: expected data files of one kind (.json/.jsonl/.parquet/.csv) in this folder")
-        return kinds.pop(), [str(p) for p in files]
-    if path.suffix not in LOCAL_BUILDERS:
+    elif path.suffix not in LOCAL_BUILDERS:
         raise AlpsError(f"{path}: unknown data file type {path.suffix!r}; use .json, .jsonl, .parquet or .csv")
-    return LOCAL_BUILDERS[path.suffix], [str(path)]
+    else:
+        files = [path]
+    for p in files:
+        _check_not_blank(p)
+    return LOCAL_BUILDERS[files[0].suffix], [str(p) for p in files]
+
+
+def _check_not_blank(path: Path) -> None:
+    """An empty or whitespace-only data file holds no rows: say so (datasets fails on it with no useful message)."""
+    try:
+        with open(path, "rb") as f:
+            blank = not f.read(1 << 20).strip() and f.read(1) == b""
+    except OSError as e:
+        raise AlpsError(f"{path}: cannot read ({e.strerror or e})") from e
+    if blank:
+        raise AlpsError(f"{path}: empty data file (no rows); add rows or remove it from data.datasets")
+
+
+def check_local_dataset(ds: DatasetConfig) -> None:
+    """The checks :func:`load_rows` makes of a local dataset before reading it (``alps-ds check`` runs them too):
+    it exists, is of a known type and is not blank; a hub name is not checked."""
+    path = Path(ds.path).expanduser()
+    if path.exists():
+        _local_builder(path)
+    elif ds.path.startswith((".", "/", "~")) or Path(ds.path).suffix in LOCAL_BUILDERS:
+        raise AlpsError(f"{ds.path}: no such data file")
 
 
 def _find_bad_json(files: list[str]) -> str | None:
@@ -90,8 +114,12 @@ def load_rows(ds: DatasetConfig):
     """The rows of one configured dataset as a ``datasets.Dataset``."""
     import datasets
 
+    check_local_dataset(ds)
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # tokenize_all draws one bar per dataset instead
+    verbosity = datasets.logging.get_verbosity()
+    # datasets logs its own line before raising on a bad file; the AlpsError below is the one line users get.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 10)
     path = Path(ds.path).expanduser()
     try:
         if path.exists():
@@ -104,8 +132,6 @@ def load_rows(ds: DatasetConfig):
                 bad = _find_bad_json(files) if builder == "json" else None
                 raise AlpsError(bad or f"{path}: cannot read as {builder} ({type(e).__name__}: {e})") from e
         else:
-            if ds.path.startswith((".", "/", "~")) or Path(ds.path).suffix in LOCAL_BUILDERS:
-                raise AlpsError(f"{ds.path}: no such data file")
             try:
                 rows = datasets.load_dataset(ds.path, ds.name, split=ds.split)
             except Exception as e:
@@ -114,6 +140,7 @@ def load_rows(ds: DatasetConfig):
                     "check the name, split and network"
                 ) from e
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if was_enabled:
             datasets.enable_progress_bars()
     if ds.limit is not None:

@@ -26,6 +26,9 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
+    from alps_ds.deps import require_deepspeed
+
+    require_deepspeed()
     if "RANK" not in os.environ and not any(k in os.environ for k in MPI_ENV):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -41,8 +44,9 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def quiet_logs(rank: int) -> None:
-    """Rank 0 keeps warnings; other ranks print errors only and draw no progress bars."""
+def quiet_logs(rank: int, progress: bool = True) -> None:
+    """Rank 0 keeps warnings; other ranks print errors only and draw no progress bars (nor rank 0 without
+    ``progress``: transformers' weight-loading bar would stand beside an error line)."""
     import warnings
 
     import datasets
@@ -55,7 +59,7 @@ def quiet_logs(rank: int) -> None:
     ds_logger.setLevel(level)
     transformers.logging.set_verbosity(level)
     datasets.logging.set_verbosity(level)
-    if rank != 0:
+    if rank != 0 or not progress:
         transformers.logging.disable_progress_bar()
         datasets.disable_progress_bars()
 

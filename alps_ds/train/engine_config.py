@@ -22,6 +22,16 @@ _DS_OWNED = {
 DEFAULT_DS_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": DEFAULT_ZERO_STAGE}}
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object that names a key twice is refused (json keeps the last value silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} is written twice in one object; keep one")
+        out[key] = value
+    return out
+
+
 def deepspeed_config(cfg: RunConfig, grad_accum: int) -> dict[str, Any]:
     """The DS config with batch sizes, clipping and optimizer hyper-parameters filled from the run config."""
     raw = cfg.deepspeed
@@ -31,7 +41,7 @@ def deepspeed_config(cfg: RunConfig, grad_accum: int) -> dict[str, Any]:
     elif isinstance(raw, str):
         src = raw
         try:
-            ds = json.loads(Path(raw).read_text())
+            ds = json.loads(Path(raw).read_text(), object_pairs_hook=_unique_keys)
         except FileNotFoundError:
             raise AlpsError(f"deepspeed: {raw}: no such file (see configs/ds_zero2.json)") from None
         except ValueError as e:
@@ -97,6 +107,21 @@ def _tensor_parallel(ds: dict[str, Any], tp: int, src: str) -> None:
         ds["tensor_parallel"] = {**section, "autotp_size": tp}
     elif "tensor_parallel" in ds:
         ds["tensor_parallel"] = {**section, "autotp_size": 0}
+
+
+def check_precision(cfg: RunConfig, ds: dict[str, Any]) -> None:
+    """fp16/bf16 the accelerator cannot run (fp16 on a CPU-only machine) is one line naming the key, before the
+    model is loaded, instead of DeepSpeed's ValueError at initialize."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    src = cfg.deepspeed if isinstance(cfg.deepspeed, str) else f"{cfg.where('deepspeed')}: deepspeed"
+    for prec, supported in (("fp16", acc.is_fp16_supported), ("bf16", acc.is_bf16_supported)):
+        if ds.get(prec, {}).get("enabled") and not supported():
+            raise AlpsError(
+                f"{src}: {prec}.enabled: {acc.device_name()} does not support {prec} here; "
+                f"use {'bf16' if prec == 'fp16' else 'fp32'} (set {prec}.enabled to false) or run on a GPU"
+            )
 
 
 def zero_stage(ds: dict[str, Any]) -> int:

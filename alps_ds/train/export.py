@@ -81,13 +81,18 @@ def write_merged(model_dir: Path, target: Path, updates: dict[str, tuple[torch.T
     """
     from safetensors.torch import load_file, save_file
 
-    shards = sorted(model_dir.glob("*.safetensors"))
+    from alps_ds.localize.reader import weight_shards, weights_entry
+
+    # The files from_pretrained loaded the base from; a stale index or shards beside them are left out.
+    shards = sorted({model_dir / name for name in weight_shards(model_dir).values()})
     if not shards:
         raise AlpsError(f"{model_dir}: no *.safetensors files; export needs a safetensors base checkpoint")
+    entry = weights_entry(model_dir).name
     pending = dict(updates)
     with atomic_dir(target) as tmp:
         for item in model_dir.iterdir():  # config, tokenizer, generation config, the shard index
-            if item.is_file() and not item.name.startswith(".") and not _is_weights(item.name):
+            stale_index = item.name.endswith(".safetensors.index.json") and item.name != entry
+            if item.is_file() and not item.name.startswith(".") and not _is_weights(item.name) and not stale_index:
                 shutil.copy2(item, tmp / item.name)
         for shard in shards:
             tensors = load_file(str(shard))

@@ -13,7 +13,8 @@ from alps_ds.train.distributed import on_rank0
 
 
 def resolve_selection(cfg: RunConfig, spec, model_dir: Path, out: Path, rank: int, resume: bool):
-    """The run's HeadSelection, saved as OUT/heads.json by rank 0 (a resumed run reuses that file)."""
+    """The run's HeadSelection (a resumed run reuses OUT/heads.json; the loop saves it once training can start)."""
+    from alps_ds.choose import count_for_ratio
     from alps_ds.localize.make import choose_selection
     from alps_ds.selection import HeadSelection
 
@@ -21,14 +22,15 @@ def resolve_selection(cfg: RunConfig, spec, model_dir: Path, out: Path, rank: in
     s = cfg.selection
     if resume and saved.exists():
         return HeadSelection.load(saved, spec=spec)
+    if not s.heads and s.method not in ("all", "none"):  # before localizing: never 0 heads
+        where = f"{cfg.where('selection.ratio')}: selection.ratio"
+        count_for_ratio(s.ratio, spec.num_layers, spec.num_heads, name=where)
     if s.heads:
         selection = HeadSelection.load(s.heads, spec=spec)
     elif s.method == "top-k":
         selection = on_rank0(lambda: localize_selection(cfg, model_dir), rank)
     else:
         selection = choose_selection(spec.fingerprint, s.method, ratio=s.ratio, seed=s.seed, base=cfg.model.path)
-    if rank == 0:
-        selection.save(saved)
     return selection
 
 

@@ -23,14 +23,14 @@ import torch
 from alps_ds.arch import AttentionSpec
 from alps_ds.digest import base_record
 from alps_ds.errors import AlpsError
-from alps_ds.fsutil import atomic_write_text
+from alps_ds.fsutil import atomic_write_text, claim_dir
 from alps_ds.train.checkpoint import check_base, check_resume, load_checkpoint, read_latest, save_checkpoint
 from alps_ds.train.config import RunConfig, gradient_accumulation
 from alps_ds.train.data import StepPlan, collate, tokenize_all
 from alps_ds.train.distributed import barrier, init_distributed, quiet_logs
-from alps_ds.train.engine_config import deepspeed_config, lr_lambda, train_dtype, zero_stage
+from alps_ds.train.engine_config import check_precision, deepspeed_config, lr_lambda, train_dtype, zero_stage
 from alps_ds.train.heads import resolve_selection
-from alps_ds.train.model import load_model, load_tokenizer, resolve_model_dir
+from alps_ds.train.model import check_token_ids, load_model, load_tokenizer, resolve_model_dir
 from alps_ds.train.report import Summary, TrainLog, open_tensorboard, optimizer_bytes
 from alps_ds.train.tensor_parallel import Grid, check_resume_tp, export, grid, hook_model, load_model_stage
 
@@ -94,7 +94,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, hook=None) -> Run:
     replaces :func:`alps_ds.apply` (same signature; the demo's PEFT LoRA arm uses it to run the same engine)."""
     start_wall = time.time()
     rank, world = init_distributed()
-    quiet_logs(rank)
+    quiet_logs(rank, cfg.logging.progress)
     tp = grid(cfg, rank, world)
     out = Path(cfg.output.dir)
     ckpt_dir = out / "checkpoints"
@@ -107,14 +107,13 @@ def setup(cfg: RunConfig, *, resume: bool = False, hook=None) -> Run:
     ds_config = deepspeed_config(cfg, grad_accum)
     if latest is not None:
         _refuse_bad_resume(ckpt_dir, latest, cfg, base, world, zero_stage(ds_config))
-    examples, stats, plan, total_steps = _prepare_data(cfg, tokenizer, grad_accum, tp.dp, rank)
+    examples, stats, plan, total_steps = _prepare_data(cfg, model_dir, tokenizer, grad_accum, tp.dp, rank)
     selection = resolve_selection(cfg, spec, model_dir, out, rank, resume and latest is not None)
     engine, scheduler, report, zero_init = _build_engine(
         cfg, model_dir, spec, selection, ds_config, total_steps, tp, hook
     )
     if rank == 0:  # only once every input checked out: a failed start leaves output.dir as it was
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+        _write_run_files(out, cfg, selection)
 
     start_step = 0
     if latest is not None:
@@ -150,6 +149,13 @@ def setup(cfg: RunConfig, *, resume: bool = False, hook=None) -> Run:
     return run
 
 
+def _write_run_files(out: Path, cfg: RunConfig, selection) -> None:
+    """Rank 0: claim output.dir (train's marker), then OUT/heads.json and OUT/run_config.json."""
+    claim_dir(out, "train")
+    selection.save(out / "heads.json")
+    atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+
+
 def _refuse_bad_resume(ckpt_dir: Path, latest: dict, cfg: RunConfig, base, world: int, stage: int) -> None:
     """Same base, batch and TP size, or one line on every rank; another world size or ZeRO stage resumes
     elastically."""
@@ -168,9 +174,11 @@ def _latest_checkpoint(ckpt_dir: Path, out: Path, rank: int, world: int, resume:
     return latest
 
 
-def _prepare_data(cfg: RunConfig, tokenizer, grad_accum: int, world: int, rank: int):
-    """Tokenized examples, their stats, the step plan over ranks and the schedule's total optimizer steps."""
+def _prepare_data(cfg: RunConfig, model_dir: Path, tokenizer, grad_accum: int, world: int, rank: int):
+    """Tokenized examples (every id inside the model's vocabulary), their stats, the step plan over ranks and the
+    schedule's total optimizer steps."""
     examples, stats = tokenize_all(cfg.data, tokenizer, progress=rank == 0 and cfg.logging.progress)
+    check_token_ids(cfg, model_dir, tokenizer, examples)
     plan = StepPlan(len(examples), cfg.train.micro_batch, grad_accum, world, cfg.train.seed, cfg.data.shuffle)
     if plan.steps_per_epoch == 0:
         raise AlpsError(
@@ -189,6 +197,7 @@ def _build_engine(
     import deepspeed
 
     t = cfg.train
+    check_precision(cfg, ds_config)  # fp16/bf16 the accelerator lacks: one line before the model loads
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)

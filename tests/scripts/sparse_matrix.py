@@ -178,11 +178,16 @@ def run_case(c, rank, world, adapter_root):
     analytic += sum(p.numel() for n, p in after.items() if any(x in n for x in c["others"]))
 
     # The adapter written before merge holds every hooked module, with the real trained rows (not ZeRO-3's
-    # empty partitions).
+    # empty partitions), and every train_others tensor whole.
     adapter = load_file(f"{adapter_dir}/adapter.safetensors")
     hooked_tensors = {k for k in after if k.rpartition(".")[0] in rows}  # weight (and bias) of every hooked module
-    adapter_matches = adapter.keys() == hooked_tensors and all(
-        torch.equal(t, after[k][torch.tensor(rows[k.rpartition(".")[0]].indices())]) for k, t in adapter.items()
+    other_tensors = {k for k in after if any(x in k for x in c["others"])}
+
+    def stored(k: str) -> torch.Tensor:
+        return after[k] if k in other_tensors else after[k][torch.tensor(rows[k.rpartition(".")[0]].indices())]
+
+    adapter_matches = adapter.keys() == hooked_tensors | other_tensors and all(
+        torch.equal(t, stored(k)) for k, t in adapter.items()
     )
     counts = [None] * world
     dist.all_gather_object(counts, opt_elems)

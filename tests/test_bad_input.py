@@ -107,18 +107,18 @@ FAST = [
         "4 pipeline stages",
         "pick sizes",
     ),
-    C("layout-zero-vpp", "layout --heads {root}/heads.json --model {root}/base --vpp 0", "--vpp 0", "at least 1"),
+    C("layout-zero-vpp", "layout --heads {root}/heads.json --model {root}/base --vpp 0", "--vpp", "at least 1, got 0"),
     C(
         "layout-negative-stage-layers",
         "layout --heads {root}/heads.json --model {root}/base --pp 2 --first-stage-layers -1",
-        "--first-stage-layers -1",
-        ">= 0",
+        "--first-stage-layers",
+        "at least 0, got -1",
     ),
     C(
         "layout-negative-rebalance-cap",
         "layout --heads {root}/heads.json --model {root}/base --rebalance -1",
-        "--rebalance -1",
-        "leave it out",
+        "--rebalance",
+        "at least 1, got -1",
     ),
     C(
         "layout-not-a-heads-file",
@@ -144,10 +144,10 @@ FAST = [
     C("plan-gpus-not-divisible", "plan --model {root}/base --tp 3", "tp*pp = 3", "--dp"),
     C("plan-headroom", "plan --model {root}/base --headroom 1", "--headroom", "[0, 1)"),
     C("plan-offload-without-zero", "plan --model {root}/base --zero 0 --offload", "--offload", "--zero 1, 2 or 3"),
-    C("plan-zero-tp", "plan --model {root}/base --tp 0", "--tp 0", "at least 1"),
+    C("plan-zero-tp", "plan --model {root}/base --tp 0", "--tp", "at least 1, got 0"),
     C("plan-more-stages-than-layers", "plan --model {root}/base --pp 4 --dp 1", "--pp 4", "2 layers"),
     C("plan-train-others-unknown", "plan --model {root}/base --train-others nope", "--train-others 'nope'", "mlp"),
-    C("plan-ratio-out-of-range", "plan --model {root}/base --ratio 2", "--ratio 2.0", "(0, 1]"),
+    C("plan-ratio-out-of-range", "plan --model {root}/base --ratio 2", "--ratio", "2 is outside (0, 1]"),
     # merge (every case targets an existing output that must survive)
     C(
         "merge-not-an-adapter",

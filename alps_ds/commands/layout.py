@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=integer(1), default=1, help="tensor-parallel size T (default 1)")
     p.add_argument("--pp", type=integer(1), default=1, help="pipeline-parallel size P (default 1)")
     p.add_argument("--vpp", type=integer(1), default=1, help="virtual pipeline stages per rank V (default 1)")
-    p.add_argument("--first-stage-layers", type=integer(1), help="layers on the first stage (Megatron uneven split)")
-    p.add_argument("--last-stage-layers", type=integer(1), help="layers on the last stage (Megatron uneven split)")
+    p.add_argument("--first-stage-layers", type=integer(0), help="layers on the first stage (Megatron uneven split)")
+    p.add_argument("--last-stage-layers", type=integer(0), help="layers on the last stage (Megatron uneven split)")
     p.add_argument(
         "--layout",
         choices=tuple(TP_LAYOUTS),

@@ -144,8 +144,10 @@ def build_arm(arm: str, cfg, spec, sel):
         mask_rows(model, spec, sel)
         return model
     if arm == "qkv-frozen":
-        return apply(model, HeadSelection(spec.fingerprint, (), Provenance("none")), train_others="all")
-    return apply(model, sel, train_others="all" if arm == "alps-heads+rest" else ())
+        apply(model, HeadSelection(spec.fingerprint, (), Provenance("none")), train_others="all")
+    else:
+        apply(model, sel, train_others="all" if arm == "alps-heads+rest" else ())
+    return model
 
 
 def ds_config(stage: int, bf16: bool, batch: int) -> dict:

@@ -9,13 +9,13 @@
 # usage: bash benchmarks/gpu_check.sh [RESULTS_FILE]
 #   RESULTS_FILE defaults to $OUT/gpu_check.txt when $OUT is set, else ./gpu_check.txt.
 #   GPU_CHECK_DEVICE=cpu runs the same parts on CPU (to check the script itself; numbers mean little).
-#   GPU_CHECK_PARTS="localize train peers" picks parts; GPU_CHECK_QUICK=1 shrinks parts 1 and 3.
+#   GPU_CHECK_PARTS="localize train peers megatron-te" picks parts; GPU_CHECK_QUICK=1 shrinks parts 1 and 3.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RESULT=${1:-${OUT:-.}/gpu_check.txt}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-PARTS=${GPU_CHECK_PARTS:-localize train peers}
+PARTS=${GPU_CHECK_PARTS:-localize train peers megatron-te}
 QUICK=${GPU_CHECK_QUICK:-0}
 PART_LIMIT=${GPU_CHECK_PART_LIMIT:-200}  # seconds per part
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/alps-gpu-check.XXXXXX")
@@ -172,7 +172,14 @@ part_peers() {
   cat "$WORK/peers.json"
 }
 
-export -f part_env part_localize part_train part_peers
+# The megatron-core hook on Transformer Engine's TELayerNormColumnParallelLinear (CUDA + transformer_engine):
+# the wrapped layer's output is unchanged before training, frozen rows stay bit-exact after it.
+part_megatron_te() {
+  "$PY" -c "import transformer_engine" 2>/dev/null || { echo "SKIP: transformer_engine is not installed"; return 0; }
+  "$PY" -m torch.distributed.run --nproc_per_node 1 benchmarks/gpu_check_megatron.py
+}
+
+export -f part_env part_localize part_train part_peers part_megatron_te
 export PY WORK DEVICE QUICK
 log "alps-ds GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown), device $DEVICE"
 run_part env part_env
@@ -181,7 +188,8 @@ for p in $PARTS; do
     localize) run_part localize part_localize ;;
     train) run_part train part_train ;;
     peers) run_part peers part_peers ;;
-    *) log "unknown part '$p' (choose from: localize train peers)"; FAILED+=("$p") ;;
+    megatron-te) run_part megatron-te part_megatron_te ;;
+    *) log "unknown part '$p' (choose from: localize train peers megatron-te)"; FAILED+=("$p") ;;
   esac
 done
 log ""

@@ -1,6 +1,7 @@
 """GPU check of the megatron-core hook on Transformer Engine layers (needs CUDA and transformer_engine).
 
-Run: ``torchrun --nproc_per_node 2 benchmarks/gpu_check_megatron.py`` (or ``benchmarks/gpu_check_megatron.sh``).
+Run: ``torchrun --nproc_per_node N benchmarks/gpu_check_megatron.py`` (TP over N GPUs; part ``megatron-te`` of
+``benchmarks/gpu_check.sh`` runs it on one).
 Builds a small ``GPTModel`` with megatron-core's TE layer spec (``linear_qkv`` is
 ``TELayerNormColumnParallelLinear``), hooks it, and checks on every TP rank: the hooked forward
 equals the plain one before training (the delta starts at zero), a few optimizer steps change every

@@ -1,15 +1,19 @@
 """Elastic training state: every trained slice with its fp32 master and optimizer moments, in a layout no
-partitioning shapes, so a checkpoint resumes on another number of ranks or another ZeRO stage.
+partitioning shapes, so a checkpoint resumes on another number of ranks, ZeRO stage or TP size.
 
-DeepSpeed's own checkpoint files are partitioned per rank (and laid out differently per ZeRO stage); an
-ALPS run trains only small slices, so each checkpoint tag also holds them whole, keyed by what they are:
+DeepSpeed's own checkpoint files are partitioned per rank (and laid out differently per ZeRO stage and per TP
+rank); an ALPS run trains only small slices, so each checkpoint tag also holds them, keyed by what they are:
 
 - ``alps_elastic.json``: format, step, optimizer step, LR scheduler state, the writing run's world size,
-  ZeRO stage and global batch, the optimizer state keys, and per slice its HF checkpoint key
-  (``model.layers.0.self_attn.q_proj.weight``), row ranges of that tensor (null: all of it), shape and file.
-- ``alps_slices-RRRRR-of-WWWWW.safetensors``: one file per writing rank (rank r holds every world-th slice,
-  so no rank keeps them all), tensors ``KEY/fp32`` and ``KEY/<state key>`` (``exp_avg``, ``exp_avg_sq``).
+  ZeRO stage, TP size and global batch, the optimizer state keys, and per record its HF checkpoint key
+  (``model.layers.0.self_attn.q_proj.weight``), GLOBAL row ranges of that tensor (null: all of it), shape and
+  file. Without TP a record is a whole slice named by its key; under AutoTP each TP rank writes its own rows
+  of a tensor as the record ``KEY/tpR`` (local rows translated through the mapping).
+- ``alps_slices-RRRRR-of-WWWWW.safetensors``: one file per writing rank (DP rank d of a TP rank's DP group
+  holds every dp-th of its slices, so no rank keeps them all), tensors ``NAME/fp32`` and ``NAME/<state key>``
+  (``exp_avg``, ``exp_avg_sq``).
 
+A reader on any TP size takes each of its slices' global rows from the records of that tensor.
 Values go through DeepSpeed's tensor-fragment API (``safe_get_full_fp32_param``,
 ``safe_set_full_optimizer_state``, ...), which works the same on ZeRO 1, 2 and 3.
 """

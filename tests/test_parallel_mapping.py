@@ -169,6 +169,21 @@ def test_autotp_sizes_match_deepspeed_and_ranks_past_groups_are_empty():
     assert {e.tp_rank for e in p.entries} == {0, 1, 2}
 
 
+@given(geo=geometries(), data=st.data())
+def test_globalize_undoes_localize_on_every_rank(geo, data):
+    layout, n, g, hd, T = geo
+    spec = make_spec(1, n, g, hd, "gpt_neox" if layout == "neox" else "llama")
+    tensor = TensorParallel(spec, layout, T)
+    for module in tensor.modules:
+        total = tensor.module_rows(module)
+        rows = set(data.draw(st.lists(st.integers(0, total - 1), max_size=total)))
+        ranges = [(r, r + 1) for r in sorted(rows)]
+        for rank in range(T):
+            held = {r for a, b in tensor.segments(module, rank) for r in range(a, b)}
+            back = tensor.globalize(module, rank, tensor.localize(module, rank, ranges))
+            assert {r for a, b in back for r in range(a, b)} == rows & held
+
+
 def test_megatron_heads_straddle_ranks_when_groups_fewer_than_tp():
     spec = make_spec(1, 4, 1, 8)  # rows (4 + 2) * 8 = 48, 12 per rank at T=4
     p = plan(spec, [(0, 1)], tp=4, layout="megatron", kv="none")

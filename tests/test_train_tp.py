@@ -4,6 +4,8 @@ Runs (module fixture, one launch each; 4 optimizer steps on configs/data/tiny.js
 - llama, 6 query / 3 kv heads (AutoTP splits 2 kv groups to TP rank 0, 1 to rank 1), an uneven
   selection: ``tp1`` one plain process; ``tp2`` 2 ranks (tp 2 x dp 1, ZeRO-1) stopped after 2
   steps and resumed; ``tp1dp2`` 2 ranks (tp 1 x dp 2); ``tp2dp2`` 4 ranks (tp 2 x dp 2, ZeRO-2).
+  ``tp2dp2`` is stopped after 2 steps too; its checkpoint is resumed at tp 4 x 1 by itself, at tp 1 on 2 ranks
+  (``tp2dp2_on2``) and by one plain process (``tp2dp2_on1``), both from the elastic state.
 - qwen2 (q/k/v biases), 4 query / 2 kv heads: ``qwen_tp1`` one process; ``qwen_tp2`` 2 ranks, ZeRO-3.
 
 Each tp > 1 run is compared with the tp 1 run of the same data-parallel size: the same examples
@@ -97,12 +99,30 @@ def runs(tmp_path_factory) -> dict[str, dict]:
         if ranks == 1:
             proc = plain(run)
             assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-        elif name == "tp2":  # stopped half way, resumed from its TP checkpoint
-            run_ranks(MAIN, "train", "--config", str(run), "--set", "train.stop_after=2", nproc=ranks, timeout=900)
-            run_ranks(MAIN, "train", "--config", str(run), "--resume", nproc=ranks, timeout=900)
+        elif name in ("tp2", "tp2dp2"):  # stopped half way, resumed from its TP checkpoint
+            run_ranks(MAIN, "train", "--config", str(run), "--set", "train.stop_after=2", nproc=ranks, timeout=1200)
+            if name == "tp2dp2":
+                out.update(resume_elsewhere(run, root / name, base, heads))
+            run_ranks(MAIN, "train", "--config", str(run), "--resume", nproc=ranks, timeout=1200)
         else:
             run_ranks(MAIN, "train", "--config", str(run), nproc=ranks, timeout=1200)
         out[name] = {"out": root / name, "base": base, "heads": heads, "run": run, "tp": tp, "ranks": ranks}
+    return out
+
+
+def resume_elsewhere(run: Path, half: Path, base: Path, heads: Path) -> dict[str, dict]:
+    """The tp 2 x dp 2 checkpoint at step 2 resumed at tp 1 on 2 ranks and by one plain process (ZeRO-2 both)."""
+    out = {}
+    for name, ranks in (("tp2dp2_on2", 2), ("tp2dp2_on1", 1)):
+        dest = half.parent / name
+        subprocess.run(["cp", "-r", str(half), str(dest)], check=True)
+        args = ("--resume", "--set", "parallel.tp=1", "--set", f"output.dir={dest}")
+        if ranks == 1:
+            proc = plain(run, *args)
+            assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        else:
+            run_ranks(MAIN, "train", "--config", str(run), *args, nproc=ranks, timeout=1200)
+        out[name] = {"out": dest, "base": base, "heads": heads, "run": run, "tp": 1, "ranks": ranks}
     return out
 
 
@@ -126,11 +146,12 @@ def trained_rows(base: Path, heads: Path) -> dict[str, list[int]]:
 
 
 TP_RUNS = ["tp2", "tp2dp2", "qwen_tp2"]
-PAIRS = [("tp2", "tp1"), ("tp2dp2", "tp1dp2"), ("qwen_tp2", "qwen_tp1")]
+RESUMED = ["tp2dp2_on2", "tp2dp2_on1"]  # a tp 2 x dp 2 checkpoint resumed at tp 1 (elastic state)
+PAIRS = [("tp2", "tp1"), ("tp2dp2", "tp1dp2"), ("qwen_tp2", "qwen_tp1"), *((r, "tp1dp2") for r in RESUMED)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TP_RUNS)
+@pytest.mark.parametrize("name", TP_RUNS + RESUMED)
 def test_merged_changes_exactly_the_selected_rows(runs, name):
     r = runs[name]
     allowed = trained_rows(r["base"], r["heads"])
@@ -150,7 +171,7 @@ def test_merged_changes_exactly_the_selected_rows(runs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [*TP_RUNS, "tp1", "tp1dp2", "qwen_tp1"])
+@pytest.mark.parametrize("name", [*TP_RUNS, *RESUMED, "tp1", "tp1dp2", "qwen_tp1"])
 def test_loss_falls(runs, name):
     log = log_of(runs[name]["out"])
     assert [r["step"] for r in log] == list(range(1, STEPS + 1))
@@ -236,16 +257,30 @@ def test_adapter_holds_the_full_rows(runs, tp, ref, tmp_path):
 
 
 @pytest.mark.slow
-def test_tp_checkpoint_resumes_only_on_its_tp_size(runs, tmp_path):
+@pytest.mark.parametrize("name", RESUMED)
+def test_a_tp_checkpoint_resumes_at_tp1_elsewhere(runs, name):
+    r = runs[name]
+    s = json.loads((r["out"] / "summary.json").read_text())
+    assert s["resumed_from"] == 2 and s["steps"] == STEPS and s["world_size"] == r["ranks"]
+    assert s["tensor_parallel"] == 1
+    meta = json.loads((r["out"] / "checkpoints" / "step-00000002" / "alps_elastic.json").read_text())
+    assert (meta["tp"], meta["world_size"]) == (2, 4)  # what the resume read: the tp 2 x dp 2 run's state
+    # the step count continues: this run logged steps 3 and 4 after the copied 1 and 2
+    assert [x["step"] for x in log_of(r["out"])] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_a_tp_checkpoint_without_elastic_state_resumes_only_on_its_own_grid(runs, tmp_path):
     half = tmp_path / "half"
     subprocess.run(["cp", "-r", str(runs["tp2"]["out"]), str(half)], check=True)
-    s = json.loads((half / "summary.json").read_text())
-    assert s["resumed_from"] == 2 and s["steps"] == STEPS  # tp2 was stopped at 2 and resumed
+    tag = half / "checkpoints" / f"step-{STEPS:08d}"
+    (tag / "alps_elastic.json").unlink()  # as an alps-ds before elastic TP checkpoints wrote it
     run = runs["tp2"]["run"]
     proc = plain(run, "--resume", "--set", f"output.dir={half}", "--set", "parallel.tp=1", "--set", "train.max_steps=6")
     err = proc.stderr.strip().splitlines()
     assert proc.returncode != 0
-    assert "checkpoint written with parallel.tp 2, this run has parallel.tp 1" in err[-1], proc.stderr[-2000:]
+    want = f"{tag}: this checkpoint has no alps_elastic.json (written without ZeRO or by an older alps-ds), so it "
+    assert err[-1] == f"alps-ds: error: {want}resumes only on 2 ranks with ZeRO-1 and parallel.tp 2", err[-1]
     assert json.loads((half / "checkpoints" / "latest.json").read_text())["step"] == STEPS  # left as it was
 
 

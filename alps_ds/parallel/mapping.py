@@ -88,6 +88,19 @@ class TensorParallel:
             local += seg_b - seg_a
         return merge_ranges(out)
 
+    def globalize(self, module: str, rank: int, local: Iterable[Range]) -> tuple[Range, ...]:
+        """The inverse of :meth:`localize`: ``rank``'s local row ``local`` ranges -> global rows."""
+        out: list[Range] = []
+        offset = 0
+        local = tuple(local)
+        for seg_a, seg_b in self.segments(module, rank):
+            for a, b in local:
+                lo, hi = max(a, offset), min(b, offset + seg_b - seg_a)
+                if lo < hi:
+                    out.append((seg_a + lo - offset, seg_a + hi - offset))
+            offset += seg_b - seg_a
+        return merge_ranges(out)
+
     def global_rows(self, heads: Iterable[tuple[int, int]], kv: KVPolicy = "group") -> list[ModuleRows]:
         """Per (layer, module) the global rows trained for ``heads`` in this layout."""
         return trainable_rows(self.view, heads, kv)

@@ -48,13 +48,23 @@ def read_latest(ckpt_dir: Path) -> dict[str, Any] | None:
         raise AlpsError(f"{path}: unreadable checkpoint pointer ({e}); delete it to start over") from e
 
 
-def needs_elastic(latest: dict[str, Any], world: int, stage: int) -> bool:
+def written_tp(tag_dir: Path) -> int:
+    """TP size a DeepSpeed checkpoint was written with: one ``mp_rank_NN`` model-states file per TP rank."""
+    ranks = {p.name.split("mp_rank_")[1][:2] for p in tag_dir.glob("*mp_rank_*_model_states.pt")}
+    return max(1, len(ranks))
+
+
+def needs_elastic(ckpt_dir: Path, latest: dict[str, Any], world: int, stage: int, tp: int) -> bool:
     """Whether this run partitions differently from the one that wrote ``latest`` (DeepSpeed's own files then do
-    not fit and the slices come from the elastic state)."""
-    return latest["world_size"] not in (None, world) or latest["zero_stage"] not in (None, stage)
+    not fit and the slices come from the elastic state): another world size, ZeRO stage or ``parallel.tp``."""
+    return (
+        latest["world_size"] not in (None, world)
+        or latest["zero_stage"] not in (None, stage)
+        or written_tp(ckpt_dir / latest["tag"]) != tp
+    )
 
 
-def check_resume(ckpt_dir: Path, latest: dict[str, Any], world: int, stage: int, batch: int) -> None:
+def check_resume(ckpt_dir: Path, latest: dict[str, Any], world: int, stage: int, batch: int, tp: int = 1) -> None:
     """Refuse, in one line on every rank (they all read the same pointer), a resume that cannot continue the run."""
     if latest["batch"] not in (None, batch):
         raise AlpsError(
@@ -62,11 +72,12 @@ def check_resume(ckpt_dir: Path, latest: dict[str, Any], world: int, stage: int,
             f"run has {batch}; resume with --set train.batch={latest['batch']} (the data position and the LR "
             "schedule count steps of that batch)"
         )
-    if needs_elastic(latest, world, stage) and not elastic.exists(ckpt_dir / latest["tag"]):
+    tag_dir = ckpt_dir / latest["tag"]
+    if needs_elastic(ckpt_dir, latest, world, stage, tp) and not elastic.exists(tag_dir):
         stage_was = "the same ZeRO stage" if latest["zero_stage"] is None else f"ZeRO-{latest['zero_stage']}"
         raise AlpsError(
-            f"{ckpt_dir / latest['tag']}: this checkpoint has no {elastic.META} (written without ZeRO or by an older "
-            f"alps-ds), so it resumes only on {latest['world_size']} ranks with {stage_was}"
+            f"{tag_dir}: this checkpoint has no {elastic.META} (written without ZeRO or by an older alps-ds), so it "
+            f"resumes only on {latest['world_size']} ranks with {stage_was} and parallel.tp {written_tp(tag_dir)}"
         )
 
 
@@ -113,7 +124,7 @@ def save_checkpoint(
     engine.save_checkpoint(
         str(ckpt_dir), tag=tag, client_state={"alps_step": step}, save_latest=False, exclude_frozen_parameters=True
     )
-    if engine.zero_optimization() and engine.autotp_size() <= 1:  # TP ranks hold different slices: no elastic state
+    if engine.zero_optimization():
         elastic.save(engine, ckpt_dir / tag, step, rank, world)
     with atomic_file(ckpt_dir / tag / f"alps_rank{rank}.pt", "wb") as f:
         torch.save({"step": step, "rng": rng_state()}, f)
@@ -134,16 +145,17 @@ def save_checkpoint(
     return tag
 
 
-def load_checkpoint(engine, ckpt_dir: Path, latest: dict[str, Any], rank: int, keep: int) -> int:
+def load_checkpoint(engine, ckpt_dir: Path, latest: dict[str, Any], rank: int, keep: int, tp: int) -> int:
     """Resume ``engine`` (and this rank's RNG state) from the tag ``latest`` names; returns its step.
 
-    The same world size and ZeRO stage load DeepSpeed's own files; another loads the elastic state.
+    The same world size, ZeRO stage and ``parallel.tp`` load DeepSpeed's own files; another loads the elastic
+    state.
     Rank 0 then deletes tags past it, left half-written by the crash that ended the previous run.
     """
     tag_dir = ckpt_dir / latest["tag"]
     import torch.distributed as dist
 
-    if needs_elastic(latest, dist.get_world_size(), engine.zero_optimization_stage()):
+    if needs_elastic(ckpt_dir, latest, dist.get_world_size(), engine.zero_optimization_stage(), tp):
         elastic.load(engine, tag_dir)
     else:
         load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=latest["tag"], load_module_strict=False)

@@ -32,7 +32,7 @@ from alps_ds.train.engine_config import check_precision, deepspeed_config, lr_la
 from alps_ds.train.heads import resolve_selection
 from alps_ds.train.model import check_token_ids, load_model, load_tokenizer, resolve_model_dir
 from alps_ds.train.report import Summary, TrainLog, open_tensorboard, optimizer_bytes
-from alps_ds.train.tensor_parallel import Grid, check_resume_tp, export, grid, hook_model, load_model_stage
+from alps_ds.train.tensor_parallel import Grid, export, grid, hook_model, load_model_stage
 
 
 def train(cfg: RunConfig, *, resume: bool = False) -> Summary | None:
@@ -117,7 +117,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, hook=None) -> Run:
 
     start_step = 0
     if latest is not None:
-        start_step = load_checkpoint(engine, ckpt_dir, latest, rank, cfg.output.keep_checkpoints)
+        start_step = load_checkpoint(engine, ckpt_dir, latest, rank, cfg.output.keep_checkpoints, tp.tp)
     barrier()
     run = Run(
         cfg=cfg,
@@ -157,11 +157,10 @@ def _write_run_files(out: Path, cfg: RunConfig, selection) -> None:
 
 
 def _refuse_bad_resume(ckpt_dir: Path, latest: dict, cfg: RunConfig, base, world: int, stage: int) -> None:
-    """Same base, batch and TP size, or one line on every rank; another world size or ZeRO stage resumes
+    """Same base and batch, or one line on every rank; another world size, ZeRO stage or TP size resumes
     elastically."""
     check_base(ckpt_dir, latest, base)
-    check_resume_tp(ckpt_dir, latest, cfg, world, stage)
-    check_resume(ckpt_dir, latest, world, stage, cfg.train.batch)
+    check_resume(ckpt_dir, latest, world, stage, cfg.train.batch, cfg.parallel.tp)
 
 
 def _latest_checkpoint(ckpt_dir: Path, out: Path, rank: int, world: int, resume: bool) -> str | None:

@@ -65,30 +65,6 @@ def grid(cfg: RunConfig, rank: int, world: int) -> Grid:
     return Grid(tp, world // tp, groups.get_tensor_model_parallel_rank(), groups.get_data_parallel_rank())
 
 
-def written_tp(tag_dir: Path) -> int:
-    """TP size a DeepSpeed checkpoint was written with: one ``mp_rank_NN`` model-states file per TP rank."""
-    ranks = {p.name.split("mp_rank_")[1][:2] for p in tag_dir.glob("*mp_rank_*_model_states.pt")}
-    return max(1, len(ranks))
-
-
-def check_resume_tp(ckpt_dir: Path, latest: dict[str, Any], cfg: RunConfig, world: int, stage: int) -> None:
-    """Refuse a resume that changes the TP size, or (under TP) the world size or ZeRO stage: the slices are
-    saved per TP rank and no elastic state is written for a TP run. Every rank raises alike."""
-    tag_dir = ckpt_dir / latest["tag"]
-    have, tp = written_tp(tag_dir), cfg.parallel.tp
-    if have != tp:
-        raise AlpsError(
-            f"{tag_dir}: checkpoint written with parallel.tp {have}, this run has parallel.tp {tp}; "
-            f"resume with --set parallel.tp={have} (the slices and their Adam moments are saved per TP rank)"
-        )
-    was = (latest["world_size"], latest["zero_stage"])
-    if tp > 1 and was != (world, stage) and None not in was:
-        raise AlpsError(
-            f"{tag_dir}: a parallel.tp {tp} checkpoint resumes only on its own {was[0]} ranks with ZeRO-{was[1]} "
-            f"(this run: {world} ranks, ZeRO-{stage}); elastic resume is not supported under tensor parallelism"
-        )
-
-
 def hook_model(model, selection, cfg: RunConfig, spec, stage: int, apply=None):
     """Hook ``model`` for ``selection`` (AutoTP-sharded first when tp > 1); returns the trainable report of
     the whole model (a TP rank's own elements summed over its TP group, the size of the unsharded model).

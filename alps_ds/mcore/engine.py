@@ -204,7 +204,7 @@ def setup(cfg: RunConfig, rank: int, world: int, latest) -> Job:
     check_config(hf_cfg, source)
     spec = AttentionSpec.from_config(hf_cfg, source=source)
     tokenizer = load_tokenizer(cfg, model_dir)
-    grad_accum = gradient_accumulation(cfg, dp)
+    grad_accum = gradient_accumulation(cfg, world)  # micro-steps over the world / tp data-parallel ranks
     examples, stats = tokenize_all(cfg.data, tokenizer, progress=rank == 0 and cfg.logging.progress)
     plan = StepPlan(len(examples), cfg.train.micro_batch, grad_accum, dp, cfg.train.seed, cfg.data.shuffle)
     if plan.steps_per_epoch == 0:

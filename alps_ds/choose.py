@@ -97,7 +97,8 @@ def parse_heads(
             raise AlpsError(f"{source}: {item} is outside the model ({num_layers} layers x {num_heads} heads, 0-based)")
         heads.append((layer, h))
     if not heads:
-        raise AlpsError(f"{source}: no head listed; write e.g. 3:5,7:0 (0-based), or select no heads with method none")
+        none = "--select none" if source.startswith("--") else "method none"
+        raise AlpsError(f"{source}: no head listed; write e.g. 3:5,7:0 (0-based), or use {none} for no heads")
     if len(set(heads)) != len(heads):
         raise AlpsError(f"{source}: a head is listed twice; list each LAYER:HEAD once")
     return sorted(heads)

@@ -277,6 +277,13 @@ def _compare_tables(names, sels, pairs, in_all: int, in_any: int, per_layer) -> 
     return out
 
 
+def _keeps_a_head(ratio: float, sel: HeadSelection) -> None:
+    """A --ratio too small to keep one head of the selection's model is refused naming the flag."""
+    from alps_ds.choose import count_for_ratio
+
+    count_for_ratio(ratio, sel.model.num_layers, sel.model.num_heads, name="--ratio")
+
+
 def _combine(args: argparse.Namespace) -> int:
     from alps_ds import selection_ops as ops
 
@@ -288,6 +295,8 @@ def _combine(args: argparse.Namespace) -> int:
     out = _out_path(args.out, paths)
     sels = [HeadSelection.load(p) for p in paths]
     if args.op == "vote":
+        if args.ratio is not None:
+            _keeps_a_head(args.ratio, sels[0])
         result = ops.vote(sels, ratio=args.ratio, sources=paths)
     else:
         result = getattr(ops, args.op)(sels, sources=paths)
@@ -303,6 +312,7 @@ def _resize(args: argparse.Namespace) -> int:
     path = _in_path(args.file)
     target = _out_path(args.out, [path])
     sel = HeadSelection.load(path)
+    _keeps_a_head(args.ratio, sel)
     result = resize(sel, args.ratio, source=str(path))
     out = _save(result, target)
     total = result.model.total_heads

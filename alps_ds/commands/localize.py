@@ -89,6 +89,16 @@ def _summary(made, out) -> str:
     return "\n".join(lines)
 
 
+def _check_head_count(args: argparse.Namespace, method: str) -> None:
+    """A --ratio that keeps no head of this model is refused by its flag before any weight is read."""
+    from alps_ds.arch import AttentionSpec
+    from alps_ds.choose import RATIO_METHODS, count_for_ratio
+
+    if method in RATIO_METHODS:
+        spec = AttentionSpec.from_pretrained(args.base)
+        count_for_ratio(args.ratio, spec.num_layers, spec.num_heads, name="--ratio")
+
+
 def run(args: argparse.Namespace) -> int:
     from alps_ds.choose import parse_heads
     from alps_ds.fsutil import check_output_dir
@@ -99,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_device(args.device, source="--device")  # imports torch: after the cheap checks
     # Before scoring (minutes on a large model). Files in DIR other than the three written are left alone.
     out = check_output_dir(args.out, flag="--out", command="localize", inputs=(args.base, args.task), whole=False)
+    _check_head_count(args, method)
     made = make_selection(
         args.base,
         args.task,

@@ -137,9 +137,13 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _validate_for_model(args: argparse.Namespace, cfg, spec) -> None:
-    """The flags that depend on the model's shape: --pp against its layers, --train-others against its modules."""
+    """The flags that depend on the model's shape: --pp against its layers, --train-others against its modules,
+    --ratio (without --heads) against its head count."""
+    from alps_ds.choose import count_for_ratio
     from alps_ds.plan import count_parameters, train_others_params
 
+    if not args.heads:
+        count_for_ratio(args.ratio, spec.num_layers, spec.num_heads, name="--ratio")
     if args.pp > spec.num_layers:
         raise AlpsError(f"--pp {args.pp} exceeds the model's {spec.num_layers} layers; use at most one stage per layer")
     train_others_params(count_parameters(cfg, spec), spec, args.train_others, source="--train-others")

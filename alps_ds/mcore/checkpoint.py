@@ -82,7 +82,7 @@ def load(model, optimizer, ckpt_dir: Path, latest: dict[str, Any], rank: int, ke
     optimizer.load_state_dict(loaded["optimizer"])
     state_file = ckpt_dir / latest["tag"] / f"alps_rank{rank}.pt"
     if latest["world_size"] == dist.get_world_size() and state_file.exists():  # same ranks: same RNG streams
-        common.set_rng_state(torch.load(state_file, weights_only=False)["rng"])
+        common.restore_rng_state(state_file)
     if rank == 0:
         common.prune_checkpoints(ckpt_dir, keep, newest=latest["step"])
     return latest["step"]

@@ -103,6 +103,12 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def restore_rng_state(state_file: Path) -> None:
+    """Restore this rank's RNG state from the ``alps_rank{r}.pt`` file :func:`save_checkpoint` wrote (alps-ds's own
+    file beside DeepSpeed's, which unpickles that folder itself: a NumPy RNG state is not a weights-only load)."""
+    set_rng_state(torch.load(state_file, weights_only=False)["rng"])
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` saved."""
     random.setstate(state["python"])
@@ -164,7 +170,7 @@ def load_checkpoint(engine, ckpt_dir: Path, latest: dict[str, Any], rank: int, k
     step = latest["step"]
     state_file = tag_dir / f"alps_rank{rank}.pt"
     if state_file.exists():  # a rank the writing run did not have keeps the run seed's RNG stream
-        set_rng_state(torch.load(state_file, weights_only=False)["rng"])
+        restore_rng_state(state_file)
     if rank == 0:
         prune_checkpoints(ckpt_dir, keep, newest=step)
     return step

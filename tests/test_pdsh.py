@@ -54,6 +54,11 @@ def namespaces_or_skip(names: tuple[str, str]) -> None:
         pytest.skip("network namespaces need root (ip netns add)")
     if shutil.which("ip") is None:
         pytest.skip("no 'ip' command (Debian: apt-get install iproute2)")
+    missing = [
+        tool for tool, found in (("openssh-server", Path(SSHD).exists()), ("pdsh", shutil.which("pdsh"))) if not found
+    ]
+    if missing:  # namespaces work here, so the test must run: say what to install instead of a late traceback
+        pytest.fail(f"install {' and '.join(missing)} (apt-get install -y {' '.join(missing)}; .ci/run does)")
     for i, name in enumerate(names):
         proc = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
         if proc.returncode != 0:

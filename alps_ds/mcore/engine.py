@@ -320,8 +320,9 @@ def train(cfg: RunConfig, *, resume: bool = False):
         print(f"alps-ds train: --resume: no checkpoint in {out / 'checkpoints'}; starting from step 0", flush=True)
     job = setup(cfg, rank, world, latest)
     if rank == 0:  # only once every input checked out: a failed start leaves output.dir as it was
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+        from alps_ds.train.run_files import write_run_files
+
+        write_run_files(out, cfg, job.selection)
     start_step = 0
     if latest is not None:
         start_step = checkpoint.load(job.model, job.optimizer, job.ckpt_dir, latest, rank, cfg.output.keep_checkpoints)

@@ -23,7 +23,7 @@ import torch
 from alps_ds.arch import AttentionSpec
 from alps_ds.digest import base_record
 from alps_ds.errors import AlpsError
-from alps_ds.fsutil import atomic_write_text, claim_dir
+from alps_ds.fsutil import atomic_write_text
 from alps_ds.train.checkpoint import check_base, check_resume, load_checkpoint, read_latest, save_checkpoint
 from alps_ds.train.config import RunConfig, gradient_accumulation
 from alps_ds.train.data import StepPlan, collate, tokenize_all
@@ -32,6 +32,7 @@ from alps_ds.train.engine_config import check_precision, deepspeed_config, lr_la
 from alps_ds.train.heads import resolve_selection
 from alps_ds.train.model import check_token_ids, load_model, load_tokenizer, resolve_model_dir
 from alps_ds.train.report import Summary, TrainLog, open_tensorboard, optimizer_bytes
+from alps_ds.train.run_files import write_run_files
 from alps_ds.train.tensor_parallel import Grid, export, grid, hook_model, load_model_stage
 
 
@@ -113,7 +114,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, hook=None) -> Run:
         cfg, model_dir, spec, selection, ds_config, total_steps, tp, hook
     )
     if rank == 0:  # only once every input checked out: a failed start leaves output.dir as it was
-        _write_run_files(out, cfg, selection)
+        write_run_files(out, cfg, selection)
 
     start_step = 0
     if latest is not None:
@@ -147,13 +148,6 @@ def setup(cfg: RunConfig, *, resume: bool = False, hook=None) -> Run:
     if rank == 0:
         _open_logs(run, stats)
     return run
-
-
-def _write_run_files(out: Path, cfg: RunConfig, selection) -> None:
-    """Rank 0: claim output.dir (train's marker), then OUT/heads.json and OUT/run_config.json."""
-    claim_dir(out, "train")
-    selection.save(out / "heads.json")
-    atomic_write_text(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
 
 
 def _refuse_bad_resume(ckpt_dir: Path, latest: dict, cfg: RunConfig, base, world: int, stage: int) -> None:

@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from alps_ds.arch import AttentionSpec, ModelFingerprint  # noqa: E402
 from alps_ds.errors import AlpsError  # noqa: E402
+from alps_ds.lazy import lazy_attribute  # noqa: E402
 from alps_ds.selection import HeadSelection, Provenance  # noqa: E402
 
 # The engine hook and adapters import torch; load them on first use so `alps-ds --help` stays fast.
@@ -24,13 +25,7 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'alps_ds' has no attribute {name!r}")
+    return lazy_attribute(__name__, _LAZY, globals(), name)
 
 
 __all__ = [

@@ -5,6 +5,8 @@ import a Trainer/TRL script needs; see docs/hf-trl.md. Names load on first use, 
 package pulls in neither transformers nor TRL.
 """
 
+from alps_ds.lazy import lazy_attribute
+
 _LAZY = {
     "AlpsTrainerMixin": "alps_ds.integrations.hf",
     "AlpsTrainer": "alps_ds.integrations.hf",
@@ -18,13 +20,7 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'alps_ds.integrations' has no attribute {name!r}")
+    return lazy_attribute(__name__, _LAZY, globals(), name)
 
 
 __all__ = sorted(_LAZY)

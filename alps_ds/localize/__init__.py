@@ -5,6 +5,7 @@ The vocabulary (:mod:`.vocab`) loads eagerly; the scorer and reader import torch
 first use and ``from alps_ds.localize import METRICS`` stays cheap for the CLI and run config.
 """
 
+from alps_ds.lazy import lazy_attribute
 from alps_ds.localize.vocab import HEAD_REPRS, METRICS, SCORE_DTYPES
 
 _LAZY = {
@@ -20,13 +21,7 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'alps_ds.localize' has no attribute {name!r}")
+    return lazy_attribute(__name__, _LAZY, globals(), name)
 
 
 __all__ = ["HEAD_REPRS", "METRICS", "SCORE_DTYPES", *_LAZY]

@@ -302,6 +302,7 @@ def worker(args) -> None:
         meta.update(world=dist.get_world_size(), heads=len(sel), total_heads=spec.total_heads)
         args.out.write_text(json.dumps({"meta": meta, "stages": results}))
     dist.barrier()
+    dist.destroy_process_group()  # before exit: gloo torn down at exit can abort a finished rank (SIGABRT)
 
 
 # ---------------------------------------------------------------- launcher side
